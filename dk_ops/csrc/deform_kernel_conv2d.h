@@ -1,0 +1,48 @@
+// Shared declarations of the deform_kernel_conv2d operator: its geometry and the
+// argument checks every backend runs before touching memory.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace dk_ops {
+
+struct DeformKernelGeometry {
+  int64_t batch, in_channels, height, width;
+  int64_t out_channels, scope_h, scope_w;
+  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t groups, kernel_offset_groups, deform_groups;
+  int64_t out_h, out_w;
+  bool global_kernel_offset;  // kernel_offset is (N, 2*Gk*K_h*K_w): one kernel per image
+
+  int64_t taps() const { return kernel_h * kernel_w; }
+  int64_t positions() const { return out_h * out_w; }
+  int64_t scope_cells() const { return scope_h * scope_w; }
+  // Scope coordinate of tap (0, 0) with zero offset: the taps sit at the scope's centre.
+  double scope_origin_h() const { return (scope_h - kernel_h) / 2.0; }
+  double scope_origin_w() const { return (scope_w - kernel_w) / 2.0; }
+};
+
+// Validates every argument (shapes, dtypes, devices, group divisibility) and raises a
+// Python ValueError/TypeError naming the argument and the shapes involved.
+DeformKernelGeometry check_deform_kernel_conv2d_args(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& kernel_offset,
+    const std::optional<at::Tensor>& data_offset, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    int64_t kernel_offset_groups, int64_t deform_groups);
+
+// The same checks plus the shape of grad_output, for the backward op.
+DeformKernelGeometry check_deform_kernel_conv2d_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& kernel_offset, const std::optional<at::Tensor>& data_offset,
+    const std::optional<at::Tensor>& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    int64_t kernel_offset_groups, int64_t deform_groups);
+
+// Bytes allowed for one column buffer; the batch is processed in chunks that fit.
+// DK_OPS_MAX_COLUMN_BYTES overrides the default (read on every call, so tests can set it).
+int64_t max_column_bytes();
+
+}  // namespace dk_ops

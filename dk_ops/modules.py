@@ -1,0 +1,166 @@
+"""nn.Modules around :func:`dk_ops.deform_kernel_conv2d`.
+
+Every offset generator starts at zero, so a freshly built layer is the rigid
+convolution of its zero-offset kernel (taps at the centre of the scope).
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from dk_ops.ops import deform_kernel_conv2d
+
+
+def _default_scope(kernel_size: Tuple[int, int]) -> Tuple[int, int]:
+    # The paper's setting: a 3x3 kernel sampled from a 4x4 scope (and 1x1 from 2x2).
+    return (kernel_size[0] + 1, kernel_size[1] + 1)
+
+
+class _DeformKernelBase(nn.Module):
+    """Holds the scope ``weight`` (C_out, C_in/groups, S_h, S_w), the bias and the geometry."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, scope_size=None,
+                 kernel_offset_groups: int = 1):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.kernel_offset_groups = kernel_offset_groups
+        self.scope_size = _pair(scope_size) if scope_size is not None else _default_scope(
+            self.kernel_size)
+        # nn.Conv2d attributes that mmcv's ConvModule and friends read.
+        self.transposed = False
+        self.output_padding = (0, 0)
+        self._check_geometry()
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.scope_size))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def _check_geometry(self):
+        for name, channels in (('in_channels', self.in_channels), ('out_channels',
+                                                                   self.out_channels)):
+            if channels % self.groups:
+                raise ValueError(f'{name}={channels} must be divisible by groups={self.groups}')
+        if self.in_channels % self.kernel_offset_groups:
+            raise ValueError(f'in_channels={self.in_channels} must be divisible by '
+                             f'kernel_offset_groups={self.kernel_offset_groups}')
+        if any(s < k for s, k in zip(self.scope_size, self.kernel_size)):
+            raise ValueError(f'scope_size={self.scope_size} must be at least '
+                             f'kernel_size={self.kernel_size} in each dimension')
+
+    def reset_parameters(self):
+        # nn.Conv2d's default init (kaiming_uniform with a=sqrt(5) is U(-b, b), b = 1/sqrt(fan_in)),
+        # with the fan-in of the taps actually used per output, not of the whole scope.
+        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1 / math.sqrt(fan_in)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _offset_channels(self) -> int:
+        return 2 * self.kernel_offset_groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def _conv(self, x: Tensor, kernel_offset: Tensor, **deform) -> Tensor:
+        return deform_kernel_conv2d(x, self.weight, kernel_offset, self.bias,
+                                    kernel_size=self.kernel_size, stride=self.stride,
+                                    padding=self.padding, dilation=self.dilation,
+                                    groups=self.groups,
+                                    kernel_offset_groups=self.kernel_offset_groups, **deform)
+
+    def extra_repr(self) -> str:
+        return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
+                f'scope_size={self.scope_size}, stride={self.stride}, padding={self.padding}, '
+                f'dilation={self.dilation}, groups={self.groups}, '
+                f'kernel_offset_groups={self.kernel_offset_groups}, bias={self.bias is not None}')
+
+
+def _zero_conv(in_channels: int, out_channels: int, like: _DeformKernelBase) -> nn.Conv2d:
+    """An offset generator with the main conv's geometry, starting at zero output."""
+    conv = nn.Conv2d(in_channels, out_channels, like.kernel_size, like.stride, like.padding,
+                     like.dilation, bias=True)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class DeformKernel2d(_DeformKernelBase):
+    """Local DK: per-location kernel offsets from a conv of the main conv's geometry."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernel_offset_conv = _zero_conv(self.in_channels, self._offset_channels(), self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv(x, self.kernel_offset_conv(x))
+
+
+class GlobalDeformKernel2d(_DeformKernelBase):
+    """Global DK: one kernel per image from global average pooling and a linear layer.
+
+    As in the paper's code the sampled coordinates are clamped to the scope.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernel_offset_fc = nn.Linear(self.in_channels, self._offset_channels())
+        nn.init.zeros_(self.kernel_offset_fc.weight)
+        nn.init.zeros_(self.kernel_offset_fc.bias)
+        # Zero-offset coordinate of every (group, tap, axis) entry of the offset vector.
+        rows = torch.arange(self.kernel_size[0]) + (self.scope_size[0] - self.kernel_size[0]) / 2
+        cols = torch.arange(self.kernel_size[1]) + (self.scope_size[1] - self.kernel_size[1]) / 2
+        grid = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), -1).reshape(-1)
+        self.register_buffer('tap_positions', grid.repeat(self.kernel_offset_groups),
+                             persistent=False)
+        limits = torch.tensor([self.scope_size[0] - 1, self.scope_size[1] - 1], dtype=torch.float)
+        self.register_buffer('scope_limits', limits.repeat(grid.numel() // 2 *
+                                                           self.kernel_offset_groups),
+                             persistent=False)
+
+    def kernel_offset(self, x: Tensor) -> Tensor:
+        offset = self.kernel_offset_fc(x.mean((2, 3)))
+        position = self.tap_positions.to(offset.dtype)
+        limits = self.scope_limits.to(offset.dtype)
+        return torch.minimum(torch.clamp(position + offset, min=0), limits) - position
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv(x, self.kernel_offset(x))
+
+
+class DeformKernelConv2d(_DeformKernelBase):
+    """DK + DCN: learned kernel offsets and learned data offsets (DCNv2 mask if modulated).
+
+    ``deform_groups`` splits the input channels for the data offsets as in mmcv's DCN.
+    """
+
+    def __init__(self, *args, deform_groups: int = 1, modulated: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.in_channels % deform_groups:
+            raise ValueError(f'in_channels={self.in_channels} must be divisible by '
+                             f'deform_groups={deform_groups}')
+        self.deform_groups = deform_groups
+        self.modulated = modulated
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        self.kernel_offset_conv = _zero_conv(self.in_channels, self._offset_channels(), self)
+        self.data_offset_conv = _zero_conv(self.in_channels,
+                                           (3 if modulated else 2) * deform_groups * taps, self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        data_offset = self.data_offset_conv(x)
+        mask: Optional[Tensor] = None
+        if self.modulated:
+            split = 2 * self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
+            data_offset, mask = data_offset[:, :split], data_offset[:, split:].sigmoid()
+        return self._conv(x, self.kernel_offset_conv(x), data_offset=data_offset, mask=mask,
+                          deform_groups=self.deform_groups)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() +
+                f', deform_groups={self.deform_groups}, modulated={self.modulated}')

@@ -1,0 +1,120 @@
+"""The functional operator, its autograd formula and its fake (meta) kernels.
+
+The schemas and the CPU/CUDA kernels live in C++ (``dk_ops/csrc``); argument checks
+live there too, so a direct ``torch.ops.dk_ops`` call is as safe as this wrapper.
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+IntOrPair = Union[int, Sequence[int]]
+
+_forward = torch.ops.dk_ops.deform_kernel_conv2d
+_backward = torch.ops.dk_ops.deform_kernel_conv2d_backward
+
+
+def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f'{name} must be an int or a pair of ints, got {value!r}')
+    return value
+
+
+def deform_kernel_conv2d(input: Tensor,
+                         weight: Tensor,
+                         kernel_offset: Tensor,
+                         bias: Optional[Tensor] = None,
+                         *,
+                         kernel_size: IntOrPair,
+                         stride: IntOrPair = 1,
+                         padding: IntOrPair = 0,
+                         dilation: IntOrPair = 1,
+                         groups: int = 1,
+                         kernel_offset_groups: int = 1,
+                         data_offset: Optional[Tensor] = None,
+                         mask: Optional[Tensor] = None,
+                         deform_groups: int = 1) -> Tensor:
+    r"""Deformable-kernel convolution.
+
+    ``out[n,o,y,x] = bias[o] + sum_{c in group(o)} sum_{i<K_h, j<K_w}
+    m * X(n, c, p_y, p_x) * W(o, c, q_y, q_x)`` with
+
+    - ``p = (y*stride_h - pad_h + i*dil_h + dy_data, x*stride_w - pad_w + j*dil_w + dx_data)``,
+    - ``q = (i + (S_h - K_h)/2 + dy_kernel, j + (S_w - K_w)/2 + dx_kernel)``,
+
+    where X and W are bilinear samples (zero outside) of the input plane and of the
+    scope ``weight[o, c]`` (shape ``S_h x S_w``), and ``m`` is the mask (or 1).
+
+    Args:
+        input: (N, C_in, H, W).
+        weight: the kernel scope, (C_out, C_in / groups, S_h, S_w), S >= kernel_size.
+        kernel_offset: local DK (N, 2*Gk*K_h*K_w, H_out, W_out) or global DK
+            (N, 2*Gk*K_h*K_w); channels 2*(g*K_h*K_w + i*K_w + j) and +1 hold (dy, dx)
+            of tap (i, j) for input-channel block g (Gk = ``kernel_offset_groups``).
+        bias: (C_out,) or None.
+        data_offset: DCN offsets (N, 2*Gd*K_h*K_w, H_out, W_out), Gd = ``deform_groups``.
+        mask: DCNv2 modulation (N, Gd*K_h*K_w, H_out, W_out).
+
+    Non-finite offsets put their tap outside the scope (or image): the tap contributes
+    zero and receives zero gradient.
+    """
+    return _forward(input, weight, kernel_offset, data_offset, mask, bias,
+                    _pair(kernel_size, 'kernel_size'), _pair(stride, 'stride'),
+                    _pair(padding, 'padding'), _pair(dilation, 'dilation'), groups,
+                    kernel_offset_groups, deform_groups)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    (input, weight, kernel_offset, data_offset, mask, bias, *geometry) = inputs
+    ctx.save_for_backward(input, weight, kernel_offset, data_offset, mask)
+    ctx.geometry = geometry
+    ctx.has_bias = bias is not None
+
+
+def _backward_formula(ctx, grad_output):
+    input, weight, kernel_offset, data_offset, mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[1], needs[2], data_offset is not None and needs[3],
+                   mask is not None and needs[4]]
+    grads = _backward(grad_output, input, weight, kernel_offset, data_offset, mask,
+                      *ctx.geometry, output_mask)
+    grad_input, grad_weight, grad_kernel_offset, grad_data_offset, grad_mask = (
+        g if wanted else None for g, wanted in zip(grads, output_mask))
+    grad_bias = grad_output.sum((0, 2, 3)) if ctx.has_bias and needs[5] else None
+    return (grad_input, grad_weight, grad_kernel_offset, grad_data_offset, grad_mask,
+            grad_bias) + (None, ) * len(ctx.geometry)
+
+
+torch.library.register_autograd('dk_ops::deform_kernel_conv2d', _backward_formula,
+                                setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- fake kernels
+def _conv_out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.register_fake('dk_ops::deform_kernel_conv2d')
+def _(input, weight, kernel_offset, data_offset, mask, bias, kernel_size, stride, padding,
+      dilation, groups, kernel_offset_groups, deform_groups):
+    torch._check(input.dim() == 4, lambda: f'input must be 4-D, got {tuple(input.shape)}')
+    torch._check(weight.dim() == 4, lambda: f'weight must be 4-D, got {tuple(weight.shape)}')
+    out_h, out_w = (_conv_out_size(input.shape[2 + d], kernel_size[d], stride[d], padding[d],
+                                   dilation[d]) for d in range(2))
+    return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
+
+
+@torch.library.register_fake('dk_ops::deform_kernel_conv2d_backward')
+def _(grad_output, input, weight, kernel_offset, data_offset, mask, kernel_size, stride,
+      padding, dilation, groups, kernel_offset_groups, deform_groups, output_mask):
+    def like(tensor, wanted):
+        return torch.empty_like(tensor) if wanted else input.new_empty((0, ))
+
+    return (like(input, output_mask[0]), like(weight, output_mask[1]),
+            like(kernel_offset, output_mask[2]),
+            like(data_offset, output_mask[3]) if data_offset is not None else like(input, False),
+            like(mask, output_mask[4]) if mask is not None else like(input, False))

@@ -1,0 +1,50 @@
+"""Builds the dk_ops._C extension and installs the dk_ops and dk_mmdet packages.
+
+A CppExtension by default; a CUDAExtension (adding csrc/cuda/*.cu) when CUDA is available
+or FORCE_CUDA=1, so GPU builds also work on machines without a GPU. TORCH_CUDA_ARCH_LIST
+picks the architectures, as for any torch extension.
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join('dk_ops', 'csrc')
+
+
+def use_cuda() -> bool:
+    if os.environ.get('FORCE_CUDA', '0') == '1':
+        return True
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def extension():
+    sources = sorted(glob.glob(os.path.join(CSRC, '*.cpp')) +
+                     glob.glob(os.path.join(CSRC, 'cpu', '*.cpp')))
+    cxx_flags = ['-O3', '-std=c++20']
+    if os.environ.get('DEBUG', '0') == '1':
+        cxx_flags = ['-O0', '-g', '-std=c++20']
+    if not use_cuda():
+        return CppExtension('dk_ops._C', sources, extra_compile_args={'cxx': cxx_flags})
+    sources += sorted(glob.glob(os.path.join(CSRC, 'cuda', '*.cu')) +
+                      glob.glob(os.path.join(CSRC, 'cuda', '*.cpp')))
+    return CUDAExtension('dk_ops._C', sources, define_macros=[('WITH_CUDA', None)],
+                         extra_compile_args={'cxx': cxx_flags,
+                                             'nvcc': ['-O3', '-std=c++20']})
+
+
+setup(
+    name='deformable-kernels',
+    version='0.1.0',
+    description='Deformable Kernels (Gao et al., ICLR 2020): a compiled PyTorch operator '
+    'and its MMDetection integration',
+    packages=find_packages(include=['dk_ops', 'dk_ops.*', 'dk_mmdet', 'dk_mmdet.*']),
+    python_requires='>=3.9',
+    install_requires=['torch>=2.4'],
+    ext_modules=[extension()],
+    cmdclass={'build_ext': BuildExtension},
+    zip_safe=False,
+)
