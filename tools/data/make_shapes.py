@@ -1,19 +1,22 @@
-"""Generate "shapes": a small COCO-format detection and instance-segmentation dataset whose objects
-differ from one another by geometric deformation, the variation Deformable Kernels are meant to absorb.
+"""Generate "shapes": a small COCO-format detection and instance-segmentation dataset whose
+objects differ from one another by geometric deformation, the variation Deformable Kernels are
+meant to absorb.
 
 Each instance is one of ``CLASSES``, resampled from a canonical template through a random scale,
-aspect, rotation, shear and a smooth non-rigid warp, on a textured background with clutter (strokes
-and blobs that are not objects). Later objects may occlude earlier ones; every annotation describes
-the visible part only. ``train`` and ``val`` draw deformations from ``TRAIN_RANGE``; ``test_hard``
-draws them from the wider ``HARD_RANGE``, so it measures whether a model adapts to deformation or
-memorises the training range.
+aspect, rotation, shear and a smooth non-rigid warp, on a textured background with clutter
+(strokes and blobs that are not objects). Objects are drawn largest first, so smaller ones may
+hide part of larger ones (never more than half); every annotation describes the visible part
+only. ``train`` and ``val`` draw deformations from ``TRAIN_RANGE``; ``test_hard`` draws them from
+the wider ``HARD_RANGE``, so it measures whether a model adapts to deformation or memorises the
+training range.
 
     python tools/data/make_shapes.py --out data/shapes
 
-writes ``OUT/annotations/instances_{train,val,test_hard}.json`` and ``OUT/{train,val,test_hard}/*.png``.
-Masks are compressed RLE, because the ring's hole cannot be written as COCO polygons; mmdet's
-``LoadAnnotations`` reads them with its default ``poly2mask=True``. Every image is a pure function of
-(seed, split, image index), so a run is byte-for-byte reproducible.
+writes ``OUT/annotations/instances_{train,val,test_hard}.json`` and
+``OUT/{train,val,test_hard}/*.png``. Masks are compressed RLE, because the ring's hole cannot be
+written as COCO polygons; mmdet's ``LoadAnnotations`` reads them with its default
+``poly2mask=True``. Every image is a pure function of (seed, split, image index), so a run is
+byte-for-byte reproducible.
 """
 import argparse
 import json
@@ -32,14 +35,14 @@ CLASSES = ('star', 'cross', 'arrow', 'crescent', 'ring', 'heart')
 @dataclass(frozen=True)
 class DeformationRange:
     """Ranges that each instance's deformation is drawn from."""
-    scale: tuple  # half-side of the deformed canonical square over the image side, log-uniform
+    size: tuple  # square root of the unoccluded area, over the image side, log-uniform
     aspect: float  # width/height stretch, log-uniform in [1/aspect, aspect]
     shear: float  # shear factor, uniform in [-shear, shear]
     warp: tuple  # largest displacement of the non-rigid warp, in canonical half-sides, uniform
 
 
-TRAIN_RANGE = DeformationRange(scale=(0.05, 0.3), aspect=1.5, shear=0.3, warp=(0.0, 0.15))
-HARD_RANGE = DeformationRange(scale=(0.035, 0.42), aspect=2.2, shear=0.6, warp=(0.0, 0.3))
+TRAIN_RANGE = DeformationRange(size=(0.05, 0.6), aspect=1.5, shear=0.3, warp=(0.0, 0.2))
+HARD_RANGE = DeformationRange(size=(0.035, 0.7), aspect=2.2, shear=0.6, warp=(0.0, 0.4))
 
 # split name -> (key mixed into every image's seed, deformation range)
 SPLITS = {
@@ -48,11 +51,11 @@ SPLITS = {
     'test_hard': (2, HARD_RANGE),
 }
 
-TEMPLATE_SIZE = 256  # canonical shapes are rasterised once at this size, then resampled per instance
-MIN_AREA = 24  # pixels; smaller instances are redrawn, nothing recognisable is left of them
-MIN_VISIBLE_FRACTION = 0.5  # an object may not lose more than half of itself to later occluders
-PLACEMENT_TRIES = 20
-MIN_COLOR_DISTANCE = 80.0  # RGB distance between an object and the background under it
+TEMPLATE_SIZE = 256  # canonical shapes are rasterised once at this size, then resampled
+MIN_AREA = 24  # pixels; smaller instances are left out, nothing recognisable is left of them
+MIN_VISIBLE_FRACTION = 0.5  # no object may lose more than half of itself to occluders or the border
+PLACEMENT_TRIES = 20  # positions tried per object before it is left out
+MIN_COLOR_DISTANCE = 80.0  # RGB distance between an object and whatever lies under it
 
 
 # ---------------------------------------------------------------- canonical shapes in [-1, 1]^2
@@ -113,14 +116,32 @@ def _heart():
 
 _TEMPLATE_BUILDERS = {'star': _star, 'cross': _cross, 'arrow': _arrow,
                       'crescent': _crescent, 'ring': _ring, 'heart': _heart}
+
+
+@dataclass(frozen=True)
+class Template:
+    """A class's canonical shape, rasterised over the canonical square [-1, 1]^2."""
+    coverage: np.ndarray  # float32 (TEMPLATE_SIZE, TEMPLATE_SIZE), 1 inside the shape
+    fill: float  # fraction of the canonical square the shape covers
+    hull: np.ndarray  # (2, N) canonical coordinates of the shape's convex hull
+
+
+def _make_template(shape):
+    contours, _ = cv2.findContours(shape.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    hull = cv2.convexHull(np.concatenate(contours)).reshape(-1, 2).T
+    return Template(coverage=shape.astype(np.float32), fill=float(shape.mean()),
+                    hull=hull * (2.0 / (TEMPLATE_SIZE - 1)) - 1.0)
+
+
 _TEMPLATES = None
 
 
-def _templates():
-    """Float templates, one per class, built on first use."""
+def templates():
+    """One Template per class, in the order of CLASSES, built on first use."""
     global _TEMPLATES
     if _TEMPLATES is None:
-        _TEMPLATES = [_TEMPLATE_BUILDERS[name]().astype(np.float32) for name in CLASSES]
+        _TEMPLATES = [_make_template(_TEMPLATE_BUILDERS[name]()) for name in CLASSES]
     return _TEMPLATES
 
 
@@ -129,17 +150,20 @@ def _templates():
 @dataclass(frozen=True)
 class Deformation:
     """One instance's deformation: canonical square -> image, then a warp of the canonical frame."""
+    size: float  # square root of the area the shape would cover unoccluded, in pixels
     scale: float  # half-side of the canonical square in pixels, before aspect and shear
     aspect: float
     rotation: float  # degrees
     shear: float
     warp: float  # largest warp displacement in canonical half-sides
-    warp_waves: tuple  # (direction_x, direction_y, frequency, phase, displacement_x, displacement_y)
+    # per sine wave: (direction_x, direction_y, frequency, phase, displacement_x, displacement_y)
+    warp_waves: tuple
 
     def linear_map(self):
         """2x2 matrix taking canonical coordinates to image pixel offsets from the centre."""
         theta = math.radians(self.rotation)
-        rotation = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+        cos, sin = math.cos(theta), math.sin(theta)
+        rotation = np.array([[cos, -sin], [sin, cos]])
         shear = np.array([[1.0, self.shear], [0.0, 1.0]])
         stretch = np.diag([math.sqrt(self.aspect), 1.0 / math.sqrt(self.aspect)])
         return self.scale * rotation @ shear @ stretch
@@ -156,7 +180,7 @@ class Deformation:
 
     def record(self):
         """The scalar parameters, as stored with each annotation."""
-        return {'scale': round(self.scale, 3), 'aspect': round(self.aspect, 4),
+        return {'size': round(self.size, 2), 'aspect': round(self.aspect, 4),
                 'rotation': round(self.rotation, 2), 'shear': round(self.shear, 4),
                 'warp': round(self.warp, 4)}
 
@@ -165,9 +189,11 @@ def _log_uniform(rng, low, high):
     return math.exp(rng.uniform(math.log(low), math.log(high)))
 
 
-def sample_deformation(rng, deformation_range, image_size, num_waves=3):
+def sample_deformation(rng, deformation_range, image_size, template, num_waves=3):
     """Draw one instance's deformation from a DeformationRange."""
-    scale = _log_uniform(rng, *deformation_range.scale) * image_size
+    size = _log_uniform(rng, *deformation_range.size) * image_size
+    # aspect and shear keep the area, and the warp changes it little: size alone sets the scale
+    scale = size / (2.0 * math.sqrt(template.fill))
     aspect = _log_uniform(rng, 1.0 / deformation_range.aspect, deformation_range.aspect)
     rotation = rng.uniform(0.0, 360.0)
     shear = rng.uniform(-deformation_range.shear, deformation_range.shear)
@@ -182,37 +208,29 @@ def sample_deformation(rng, deformation_range, image_size, num_waves=3):
         amplitude = warp / num_waves  # the waves together displace no point by more than `warp`
         waves.append((math.cos(angle), math.sin(angle), frequency, phase,
                       amplitude * math.cos(disp_angle), amplitude * math.sin(disp_angle)))
-    return Deformation(scale, aspect, rotation, shear, warp, tuple(waves))
+    return Deformation(size, scale, aspect, rotation, shear, warp, tuple(waves))
 
 
-def _instance_window(deformation, center, image_size):
-    """Pixel window (x0, y0, x1, y1), clipped to the image, that can contain the instance."""
-    # backward warping reads canonical point v + d(v): the shape can reach |v| = 1 + warp
-    reach = 1.0 + deformation.warp
-    corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64).T * reach
-    image_corners = deformation.linear_map() @ corners
-    x0 = int(math.floor(center[0] + image_corners[0].min())) - 1
-    y0 = int(math.floor(center[1] + image_corners[1].min())) - 1
-    x1 = int(math.ceil(center[0] + image_corners[0].max())) + 2
-    y1 = int(math.ceil(center[1] + image_corners[1].max())) + 2
-    return max(x0, 0), max(y0, 0), min(x1, image_size), min(y1, image_size)
-
-
-def _half_extent(deformation):
-    """Half width and height of the instance's window around its centre, unclipped."""
-    corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64).T
-    image_corners = deformation.linear_map() @ corners * (1.0 + deformation.warp)
-    return np.abs(image_corners).max(axis=1)
+def instance_extent(template, deformation):
+    """(low, high): the (x, y) pixel offsets from the centre that bound the deformed shape."""
+    linear_map = deformation.linear_map()
+    hull = linear_map @ template.hull
+    # the warp reads the template at v + d(v) with |d| <= warp, so the shape grows by at most
+    # `warp` canonical units, i.e. warp * |row of the linear map| pixels along each image axis
+    margin = deformation.warp * np.linalg.norm(linear_map, axis=1)
+    return hull.min(axis=1) - margin, hull.max(axis=1) + margin
 
 
 def render_instance(template, deformation, center, image_size):
     """Coverage in [0, 1] of one deformed instance over the whole image, as float32 (H, W)."""
     coverage = np.zeros((image_size, image_size), np.float32)
-    x0, y0, x1, y1 = _instance_window(deformation, center, image_size)
+    low, high = instance_extent(template, deformation)
+    x0, y0 = (max(int(math.floor(center[k] + low[k])) - 1, 0) for k in (0, 1))
+    x1, y1 = (min(int(math.ceil(center[k] + high[k])) + 1, image_size) for k in (0, 1))
     if x1 <= x0 or y1 <= y0:
         return coverage
     pixel_y, pixel_x = np.mgrid[y0:y1, x0:x1].astype(np.float64)
-    # pixel centre -> canonical point, by inverting the linear map, then the warp of the canonical frame
+    # pixel centre -> canonical point: invert the linear map, then warp the canonical frame
     inverse = np.linalg.inv(deformation.linear_map())
     offset_x = pixel_x + 0.5 - center[0]
     offset_y = pixel_y + 0.5 - center[1]
@@ -222,7 +240,7 @@ def render_instance(template, deformation, center, image_size):
     to_template = 0.5 * (TEMPLATE_SIZE - 1)
     map_x = ((canonical_x + warp_x + 1.0) * to_template).astype(np.float32)
     map_y = ((canonical_y + warp_y + 1.0) * to_template).astype(np.float32)
-    coverage[y0:y1, x0:x1] = cv2.remap(template, map_x, map_y, cv2.INTER_LINEAR,
+    coverage[y0:y1, x0:x1] = cv2.remap(template.coverage, map_x, map_y, cv2.INTER_LINEAR,
                                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return coverage
 
@@ -277,7 +295,8 @@ def _draw_clutter(rng, image, max_strokes=6, max_blobs=4):
         x, y = radii * np.cos(angles) * stretch, radii * np.sin(angles) / stretch
         points = center + np.stack([x * math.cos(tilt) - y * math.sin(tilt),
                                     x * math.sin(tilt) + y * math.cos(tilt)], axis=1)
-        cv2.fillPoly(image, [np.round(points).astype(np.int32)], _random_color(rng), lineType=cv2.LINE_AA)
+        cv2.fillPoly(image, [np.round(points).astype(np.int32)], _random_color(rng),
+                     lineType=cv2.LINE_AA)
 
 
 def _contrasting_color(rng, references):
@@ -295,58 +314,77 @@ def _contrasting_color(rng, references):
 
 
 def _paint_object(rng, image, coverage, color):
-    """Composite a shaded, grainy fill of `color` through the instance's coverage."""
-    size = image.shape[0]
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    """Composite a shaded, grainy fill of `color` through the instance's coverage, in place."""
+    rows = np.flatnonzero(coverage.any(axis=1))
+    cols = np.flatnonzero(coverage.any(axis=0))
+    # one pixel of margin for the blur that anti-aliases the edges (the annotation keeps the
+    # hard mask)
+    y0, y1 = max(rows[0] - 1, 0), min(rows[-1] + 2, image.shape[0])
+    x0, x1 = max(cols[0] - 1, 0), min(cols[-1] + 2, image.shape[1])
+    alpha = cv2.GaussianBlur(coverage[y0:y1, x0:x1], (3, 3), 0.6)[..., None]
+    y, x = np.mgrid[y0:y1, x0:x1].astype(np.float32)
     angle = rng.uniform(0.0, 2 * math.pi)
-    shading = (x * math.cos(angle) + y * math.sin(angle)) / size * rng.uniform(0.0, 60.0)
-    fill = color + shading[..., None] + rng.normal(0.0, 5.0, size=image.shape)
-    # a slight blur gives anti-aliased edges; the annotation keeps the hard mask
-    alpha = cv2.GaussianBlur(coverage, (3, 3), 0.6)[..., None]
-    image *= 1.0 - alpha
-    image += alpha * fill
+    shading = (x * math.cos(angle) + y * math.sin(angle)) / image.shape[0] * rng.uniform(0.0, 60.0)
+    fill = color + shading[..., None] + rng.normal(0.0, 5.0, size=alpha.shape[:2] + (3,))
+    window = image[y0:y1, x0:x1]
+    window *= 1.0 - alpha
+    window += alpha * fill
 
 
 # ---------------------------------------------------------------- images and splits
 
 def make_image(rng, image_size, num_objects, deformation_range):
-    """Draw one image. Returns (uint8 BGR image, list of (class index, visible mask, Deformation))."""
-    templates = _templates()
+    """Draw one image.
+
+    Returns the uint8 BGR image and, per object, (class index, visible mask, Deformation).
+    """
+    shape_templates = templates()
     image = _background(rng, image_size)
     _draw_clutter(rng, image)
     owner = np.full((image_size, image_size), -1, np.int32)  # index of the object on top, per pixel
-    placed = []  # (class index, full area, deformation)
-    colors = []  # fill colour of each placed object
-    for _ in range(num_objects):
+    placed = []  # (class index, deformation) of each object, bottom to top
+    full_areas, visible_areas, colors = [], [], []  # per placed object: area when drawn, now, fill
+    classes = rng.integers(len(CLASSES), size=num_objects)
+    drawn = [(int(class_index), sample_deformation(rng, deformation_range, image_size,
+                                                   shape_templates[class_index]))
+             for class_index in classes]
+    # largest first, so that big objects lie behind small ones: a big object on top would hide too
+    # much of what is under it and be turned away, and the scale range would lose its large end
+    drawn.sort(key=lambda item: -item[1].size)
+    for class_index, deformation in drawn:
+        # centres that keep the whole instance inside the image (or, when it is larger than the
+        # image, that keep the image inside it)
+        low, high = instance_extent(shape_templates[class_index], deformation)
+        first_center = np.minimum(-low, image_size - high)
+        last_center = np.maximum(-low, image_size - high)
         for _ in range(PLACEMENT_TRIES):
-            class_index = int(rng.integers(len(CLASSES)))
-            deformation = sample_deformation(rng, deformation_range, image_size)
-            # keep the instance inside the image where it fits, centred where it does not
-            half = _half_extent(deformation)
-            low = np.minimum(half, image_size / 2)
-            center = rng.uniform(low, image_size - low)
-            coverage = render_instance(templates[class_index], deformation, center, image_size)
+            center = rng.uniform(first_center, last_center)
+            coverage = render_instance(shape_templates[class_index], deformation, center,
+                                       image_size)
             mask = coverage >= 0.5
-            area = int(mask.sum())
+            area = np.count_nonzero(mask)
             if area < MIN_AREA:
-                continue
-            covered = np.bincount(owner[mask] + 1, minlength=len(placed) + 1)[1:]
-            still_visible = [np.count_nonzero(owner == index) - covered[index]
-                             for index in range(len(placed))]
-            if any(visible < MIN_VISIBLE_FRACTION * placed[index][1]
-                   for index, visible in enumerate(still_visible)):
-                continue
+                break  # too small to recognise wherever it goes
+            if area < MIN_VISIBLE_FRACTION * deformation.size ** 2:
+                continue  # mostly outside the image: try another place
             under = owner[mask]
-            references = [colors[index] for index in np.unique(under[under >= 0])]
+            covered = np.bincount(under[under >= 0], minlength=len(placed))
+            remaining = np.asarray(visible_areas, dtype=np.int64) - covered
+            if np.any(remaining < MIN_VISIBLE_FRACTION * np.asarray(full_areas)):
+                continue
+            references = [colors[index] for index in np.flatnonzero(covered)]
             if np.any(under < 0):
                 references.append(image[mask & (owner < 0)].mean(axis=0))
             colors.append(_contrasting_color(rng, references))
             _paint_object(rng, image, coverage, colors[-1])
             owner[mask] = len(placed)
-            placed.append((class_index, area, deformation))
+            visible_areas = list(remaining)
+            full_areas.append(area)
+            visible_areas.append(full_areas[-1])
+            placed.append((class_index, deformation))
             break
     objects = [(class_index, owner == index, deformation)
-               for index, (class_index, _, deformation) in enumerate(placed)]
+               for index, (class_index, deformation) in enumerate(placed)]
     return np.clip(np.round(image), 0, 255).astype(np.uint8), objects
 
 
@@ -356,7 +394,8 @@ def mask_annotation(mask):
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
-    segmentation = {'size': [int(mask.shape[0]), int(mask.shape[1])], 'counts': rle['counts'].decode('ascii')}
+    segmentation = {'size': [int(mask.shape[0]), int(mask.shape[1])],
+                    'counts': rle['counts'].decode('ascii')}
     return segmentation, int(mask.sum()), bbox
 
 
@@ -374,7 +413,8 @@ def generate_split(out_dir, split, num_images, image_size, seed, min_objects, ma
         file_name = f'{index:06d}.png'
         cv2.imwrite(os.path.join(image_dir, file_name), image)
         image_id = index + 1
-        images.append({'id': image_id, 'file_name': file_name, 'width': image_size, 'height': image_size})
+        images.append({'id': image_id, 'file_name': file_name,
+                       'width': image_size, 'height': image_size})
         for class_index, mask, deformation in objects:
             segmentation, area, bbox = mask_annotation(mask)
             annotations.append({
@@ -412,7 +452,8 @@ def generate(out_dir, num_train=200, num_val=50, num_hard=50, img_size=256, seed
                         ('seed', seed)):
         _check_int(name, value, 0)
     _check_int('img_size', img_size, 64)
-    _check_int('min_objects', min_objects, 1, 100)  # COCOeval scores at most 100 detections per image
+    # COCOeval scores at most 100 detections per image
+    _check_int('min_objects', min_objects, 1, 100)
     _check_int('max_objects', max_objects, min_objects, 100)
     paths = {}
     for split, num_images in (('train', num_train), ('val', num_val), ('test_hard', num_hard)):
@@ -434,8 +475,10 @@ def main(argv=None):
     parser.add_argument('--num-val', type=int, default=50)
     parser.add_argument('--num-hard', type=int, default=50, help='images in the test_hard split')
     parser.add_argument('--img-size', type=int, default=256, help='side of the square images')
-    parser.add_argument('--min-objects', type=int, default=1, help='objects tried per image, lower bound')
-    parser.add_argument('--max-objects', type=int, default=6, help='objects tried per image, upper bound')
+    parser.add_argument('--min-objects', type=int, default=1,
+                        help='objects tried per image, lower bound')
+    parser.add_argument('--max-objects', type=int, default=6,
+                        help='objects tried per image, upper bound')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     generate(args.out, num_train=args.num_train, num_val=args.num_val, num_hard=args.num_hard,
