@@ -1,0 +1,214 @@
+"""Gradients of ``dk_ops.deform_kernel_conv2d`` (finite differences, autograd through the
+reference, mmcv's deformable convolutions), the explicit backward op, and the op's
+registration: ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)``."""
+import dataclasses
+
+import pytest
+import torch
+
+import dk_ops
+from dk_reference import (DCN_PROBLEMS, PROBLEMS, deform_kernel_conv2d_reference,
+                          mmcv_deformable_conv, non_contiguous, output_and_gradients)
+
+TOLERANCE = {
+    torch.float64: dict(rtol=1e-7, atol=1e-7),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+}
+TENSOR_ARGUMENTS = ('input', 'weight', 'kernel_offset', 'data_offset', 'mask', 'bias')
+
+
+def by_name(problems):
+    return pytest.mark.parametrize('problem', problems, ids=lambda problem: problem.name)
+
+
+def problems_named(*names):
+    return [problem for problem in PROBLEMS if problem.name in names]
+
+
+def assert_gradients_close(actual, expected, **tolerance):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert actual[name] is not None, f'no gradient for {name}'
+        torch.testing.assert_close(actual[name].double(), expected[name].double(), **tolerance,
+                                   msg=lambda message, name=name: f'{name}: {message}')
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
+@by_name(PROBLEMS)
+def test_gradients_match_reference(problem, dtype):
+    tensors = problem.make_inputs(dtype)
+    _, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors)
+    _, expected = output_and_gradients(problem, deform_kernel_conv2d_reference, tensors)
+    assert all(gradients[name].dtype == dtype for name in gradients)
+    assert_gradients_close(gradients, expected, **TOLERANCE[dtype])
+
+
+@by_name(
+    problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'groups2_kgroups4', 'depthwise', 'mask_only',
+                   'data_offset_mask_dgroups2_groups2', 'global_scope5_groups2_kgroups2',
+                   'global_data_offset_mask_dgroups2'))
+def test_gradcheck(problem):
+    # Random offsets keep every sampling point off the integer kinks of bilinear sampling.
+    tensors = problem.make_inputs()
+    names = [name for name in TENSOR_ARGUMENTS if tensors[name] is not None]
+
+    def op(*values):
+        return problem.call(dk_ops.deform_kernel_conv2d, dict(tensors, **dict(zip(names, values))))
+
+    leaves = [tensors[name].requires_grad_() for name in names]
+    assert torch.autograd.gradcheck(op, leaves, fast_mode=True)
+
+
+@by_name(problems_named('data_offset_mask_dgroups2_groups2', 'global_data_offset_mask_dgroups2'))
+def test_gradient_of_one_argument_alone(problem):
+    # Autograd then asks the backward op for that gradient only (output_mask).
+    tensors = problem.make_inputs()
+    _, expected = output_and_gradients(problem, deform_kernel_conv2d_reference, tensors)
+    for name in expected:
+        _, gradient = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
+                                           wrt=[name])
+        assert_gradients_close(gradient, {name: expected[name]})
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
+@by_name(DCN_PROBLEMS)
+def test_data_offset_gradients_match_mmcv(problem, dtype):
+    tensors = problem.make_inputs(dtype)
+    wrt = [name for name in TENSOR_ARGUMENTS  # mmcv has no kernel offsets
+           if tensors[name] is not None and name != 'kernel_offset']
+    _, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors, wrt=wrt)
+    _, expected = output_and_gradients(problem, mmcv_deformable_conv, tensors, wrt=wrt)
+    assert_gradients_close(gradients, expected, **TOLERANCE[dtype])
+
+
+@by_name([problem for problem in PROBLEMS if problem.global_offset])
+def test_global_offset_gradients_equal_broadcast_local(problem):
+    tensors = problem.make_inputs()
+
+    def broadcast(name, tensor):
+        if name != 'kernel_offset':
+            return tensor
+        return tensor[:, :, None, None].expand(-1, -1, *problem.output_size).contiguous()
+
+    _, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors)
+    _, expected = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
+                                       view=broadcast)
+    assert_gradients_close(gradients, expected)
+
+
+@by_name(problems_named('data_offset_mask_dgroups2_groups2', 'global_data_offset_mask_dgroups2'))
+def test_non_contiguous_gradients(problem):
+    tensors = problem.make_inputs()
+    _, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
+                                        view=non_contiguous)
+    _, expected = output_and_gradients(problem, deform_kernel_conv2d_reference, tensors)
+    assert_gradients_close(gradients, expected)
+
+
+@by_name(problems_named('data_offset_mask_dgroups2_groups2', 'global_data_offset_mask_dgroups2'))
+def test_empty_batch_gradients(problem):
+    problem = dataclasses.replace(problem, batch=0)
+    tensors = problem.make_inputs()
+    _, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors)
+    for name, gradient in gradients.items():
+        assert gradient is not None, f'no gradient for {name}'
+        assert gradient.shape == tensors[name].shape, name
+        assert not gradient.any(), name
+
+
+@by_name([
+    dataclasses.replace(problem, batch=3)
+    for problem in problems_named('data_offset_mask_dgroups2_groups2',
+                                  'global_data_offset_mask_dgroups2')
+])
+def test_tiny_column_budget_gives_the_same_gradients(problem, monkeypatch):
+    tensors = problem.make_inputs()
+    monkeypatch.delenv('DK_OPS_MAX_COLUMN_BYTES', raising=False)
+    _, default = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors)
+    monkeypatch.setenv('DK_OPS_MAX_COLUMN_BYTES', '1')
+    _, chunked = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors)
+    assert_gradients_close(chunked, default)
+
+
+@by_name(problems_named('k3_scope4_local', 'data_offset_mask_dgroups2_groups2',
+                        'global_data_offset_mask_dgroups2'))
+def test_bfloat16_gradients_close_to_reference(problem):
+    tensors = problem.make_inputs(torch.bfloat16)
+    _, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors)
+    _, expected = output_and_gradients(problem, deform_kernel_conv2d_reference, tensors)
+    for name, gradient in gradients.items():
+        assert gradient.dtype == torch.bfloat16, name
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(gradient.double(), expected[name], rtol=5e-2,
+                                   atol=5e-2 * scale, msg=lambda m, name=name: f'{name}: {m}')
+
+
+# ----------------------------------------------------------------------------- backward op
+def backward_op_args(problem, tensors, grad_output, output_mask):
+    return (grad_output, tensors['input'], tensors['weight'], tensors['kernel_offset'],
+            tensors['data_offset'], tensors['mask'], list(problem.kernel_size),
+            list(problem.stride), list(problem.padding), list(problem.dilation), problem.groups,
+            problem.kernel_offset_groups, problem.deform_groups, output_mask)
+
+
+@by_name(problems_named('k3_scope4_local', 'data_offset_mask_dgroups2_groups2',
+                        'global_data_offset_mask_dgroups2'))
+def test_backward_op_honours_output_mask(problem):
+    tensors = problem.make_inputs()
+    tensors['bias'] = None
+    _, expected = output_and_gradients(problem, deform_kernel_conv2d_reference, tensors)
+    grad_output = torch.randn(problem.batch, problem.out_channels, *problem.output_size,
+                              generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    names = TENSOR_ARGUMENTS[:5]
+    for wanted in [[True] * 5] + [[name == only for name in names] for only in names]:
+        results = torch.ops.dk_ops.deform_kernel_conv2d_backward(
+            *backward_op_args(problem, tensors, grad_output, wanted))
+        assert len(results) == 5
+        for name, is_wanted, result in zip(names, wanted, results):
+            if is_wanted and tensors[name] is not None:
+                torch.testing.assert_close(result, expected[name],
+                                           msg=lambda m, name=name: f'{name}: {m}')
+            else:
+                assert result.numel() == 0, f'{name} was not asked for but has {result.shape}'
+
+
+# ----------------------------------------------------------------------------- registration
+def forward_op_args(problem, tensors):
+    return (tensors['input'], tensors['weight'], tensors['kernel_offset'],
+            tensors['data_offset'], tensors['mask'], tensors['bias'], list(problem.kernel_size),
+            list(problem.stride), list(problem.padding), list(problem.dilation), problem.groups,
+            problem.kernel_offset_groups, problem.deform_groups)
+
+
+@pytest.mark.parametrize('requires_grad', [False, True], ids=['no_grad', 'requires_grad'])
+@by_name(problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'global', 'data_offset_mask_dgroups2_groups2'))
+def test_opcheck_forward(problem, requires_grad):
+    tensors = problem.make_inputs(torch.float32)
+    for tensor in tensors.values():
+        if tensor is not None:
+            tensor.requires_grad_(requires_grad)
+    torch.library.opcheck(torch.ops.dk_ops.deform_kernel_conv2d.default,
+                          forward_op_args(problem, tensors))
+
+
+@pytest.mark.parametrize('output_mask', [[True] * 5, [False, True, False, True, False]], ids=str)
+@by_name(problems_named('global', 'data_offset_mask_dgroups2_groups2'))
+def test_opcheck_backward(problem, output_mask):
+    tensors = problem.make_inputs(torch.float32)
+    grad_output = torch.randn(problem.batch, problem.out_channels, *problem.output_size)
+    torch.library.opcheck(torch.ops.dk_ops.deform_kernel_conv2d_backward.default,
+                          backward_op_args(problem, tensors, grad_output, output_mask))
+
+
+def deform_kernel_then_sigmoid(*args, **kwargs):
+    return dk_ops.deform_kernel_conv2d(*args, **kwargs).sigmoid()
+
+
+@by_name(problems_named('data_offset_mask_dgroups2_groups2', 'global_data_offset_mask_dgroups2'))
+def test_torch_compile_fullgraph_matches_eager(problem):
+    tensors = problem.make_inputs(torch.float32)
+    compiled = torch.compile(deform_kernel_then_sigmoid, fullgraph=True)
+    output, gradients = output_and_gradients(problem, compiled, tensors)
+    expected_output, expected = output_and_gradients(problem, deform_kernel_then_sigmoid, tensors)
+    torch.testing.assert_close(output, expected_output)
+    assert_gradients_close(gradients, expected)
