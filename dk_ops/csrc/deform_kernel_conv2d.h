@@ -4,7 +4,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
+#include <tuple>
 
 namespace dk_ops {
 
@@ -41,8 +43,56 @@ DeformKernelGeometry check_deform_kernel_conv2d_backward_args(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     int64_t kernel_offset_groups, int64_t deform_groups);
 
-// Bytes allowed for one column buffer; the batch is processed in chunks that fit.
+// Bytes allowed for one column buffer; the columns are processed in chunks that fit.
 // DK_OPS_MAX_COLUMN_BYTES overrides the default (read on every call, so tests can set it).
 int64_t max_column_bytes();
+
+// ---------------------------------------------------------------------------------------
+// The local path works on "columns": one column per output location of the batch,
+// col = n * H_out * W_out + y * W_out + x. Z, the scope columns, holds for each column the
+// sampled input spread over the scope cells: Z[col, group, cell, channel in group], so that
+// out[:, col] = weight (C_out, S * C_in/groups) @ Z[col] per group (see the CPU kernel file).
+
+// What the per-backend column kernels read for columns [first, first + count).
+struct ColumnChunk {
+  DeformKernelGeometry g;
+  int64_t first, count;
+  at::Tensor input;          // (N, H, W, C_in) channels-last, contiguous
+  at::Tensor kernel_offset;  // (2*Gk*taps, N*L) columns, contiguous
+  at::Tensor data_offset;    // (2*Gd*taps, N*L) columns, or undefined (rigid data grid)
+  at::Tensor mask;           // (Gd*taps, N*L) columns, or undefined
+};
+
+// The three loops that differ per device; the GEMMs, layouts and chunking around them are
+// shared (deform_kernel_conv2d_driver.cpp). Each writes only the tensors it receives.
+struct ColumnKernels {
+  // z (count, S*C_in) = scope columns of the chunk (every entry written).
+  void (*scatter_scope_columns)(const ColumnChunk& chunk, at::Tensor& z);
+  // grad_input (N, H, W, C_in) += the input gradient carried by grad_z (count, S*C_in).
+  void (*gather_input_grad)(const ColumnChunk& chunk, const at::Tensor& grad_z,
+                            at::Tensor& grad_input);
+  // Offset and mask gradients of the chunk's columns, in column layout (like the inputs);
+  // undefined tensors are not wanted.
+  void (*offset_and_mask_grads)(const ColumnChunk& chunk, const at::Tensor& grad_z,
+                                at::Tensor& grad_kernel_offset, at::Tensor& grad_data_offset,
+                                at::Tensor& grad_mask);
+};
+
+at::Tensor deform_kernel_conv2d_forward(
+    const ColumnKernels& kernels, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& kernel_offset, const std::optional<at::Tensor>& data_offset,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, int64_t kernel_offset_groups,
+    int64_t deform_groups);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+deform_kernel_conv2d_backward(
+    const ColumnKernels& kernels, const at::Tensor& grad_output, const at::Tensor& input,
+    const at::Tensor& weight, const at::Tensor& kernel_offset,
+    const std::optional<at::Tensor>& data_offset, const std::optional<at::Tensor>& mask,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, int64_t kernel_offset_groups,
+    int64_t deform_groups, std::array<bool, 5> output_mask);
 
 }  // namespace dk_ops

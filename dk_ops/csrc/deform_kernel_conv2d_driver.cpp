@@ -1,0 +1,341 @@
+// The device-independent part of deform_kernel_conv2d: layouts, chunking and GEMMs of the
+// local path around the per-device column kernels, and the global-offset fast path.
+//
+// Local path, per chunk of columns (see deform_kernel_conv2d.h):
+//   forward   out[:, cols]   = W' @ Z^T                     W' = weight as (C_out, S*C_in/g)
+//   backward  grad W'       += gO[:, cols] @ Z
+//             grad Z         = gO[:, cols]^T @ W'  -> input / offset / mask gradients
+// Global path (kernel_offset (N, 2*Gk*taps), no data offset, no mask): the kernel of every
+// image is A_n @ scope, with A the bilinear sampling matrix of its offsets, and the batch
+// runs as one grouped convolution.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "deform_kernel_conv2d.h"
+
+namespace dk_ops {
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+// (N, C, H_out, W_out) -> (C, N*L) columns, and back.
+Tensor to_columns(const Tensor& t) {
+  return t.transpose(0, 1).reshape({t.size(1), -1}).contiguous();
+}
+Tensor from_columns(const Tensor& columns, const DeformKernelGeometry& g) {
+  return columns.view({columns.size(0), g.batch, g.out_h, g.out_w}).transpose(0, 1).contiguous();
+}
+Tensor columns_or_undefined(const OptionalTensor& t) {
+  return t ? to_columns(*t) : Tensor();
+}
+
+// The weight as (C_out, S * C_in/groups): the K dimension ordered like a row of Z.
+Tensor weight_cells_last(const DeformKernelGeometry& g, const Tensor& weight) {
+  return weight.reshape({g.out_channels, g.in_channels / g.groups, g.scope_cells()})
+      .transpose(1, 2)
+      .reshape({g.out_channels, -1});
+}
+
+// Part `group` of dimension `dim` split into `groups` equal parts.
+Tensor group_part(const Tensor& t, int64_t dim, int64_t groups, int64_t group) {
+  const int64_t size = t.size(dim) / groups;
+  return t.narrow(dim, group * size, size);
+}
+
+int64_t columns_per_chunk(const DeformKernelGeometry& g, int64_t element_size) {
+  const int64_t per_column = g.in_channels * g.scope_cells() * element_size;
+  return std::max<int64_t>(1, max_column_bytes() / per_column);
+}
+
+ColumnChunk whole_batch(const DeformKernelGeometry& g, const Tensor& input,
+                        const Tensor& kernel_offset, const OptionalTensor& data_offset,
+                        const OptionalTensor& mask) {
+  // Global offsets combined with data offsets or a mask: broadcast to every location.
+  const Tensor local_offset =
+      g.global_kernel_offset
+          ? kernel_offset.view({g.batch, -1, 1, 1}).expand({-1, -1, g.out_h, g.out_w})
+          : kernel_offset;
+  return {g, 0, 0, input.permute({0, 2, 3, 1}).contiguous(), to_columns(local_offset),
+          columns_or_undefined(data_offset), columns_or_undefined(mask)};
+}
+
+bool is_reduced_precision(const Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+OptionalTensor to_float(const OptionalTensor& t) {
+  return t ? OptionalTensor(t->to(at::kFloat)) : std::nullopt;
+}
+
+// ------------------------------------------------------------------ global kernel offsets
+
+// Bilinear sampling matrices of global kernel offsets, (N, Gk, taps, S): kernel = A @ scope,
+// and the derivatives of A along the offsets' y and x.
+struct GlobalSampling {
+  Tensor weight, d_dy, d_dx;
+};
+
+GlobalSampling global_sampling(const DeformKernelGeometry& g, const Tensor& kernel_offset) {
+  const auto options = kernel_offset.options();
+  const auto offset = kernel_offset.reshape({g.batch, g.kernel_offset_groups, g.taps(), 2});
+  const auto tap = at::arange(g.taps(), options.dtype(at::kLong));
+  const auto y = offset.select(3, 0) + (at::div(tap, g.kernel_w, "floor").to(options.dtype()) +
+                                        g.scope_origin_h());
+  const auto x = offset.select(3, 1) + (at::remainder(tap, g.kernel_w).to(options.dtype()) +
+                                        g.scope_origin_w());
+  // Same rule as sampling.h: outside (-1, S) (or NaN / inf) samples nothing.
+  const auto inside = (y > -1) & (y < g.scope_h) & (x > -1) & (x < g.scope_w);
+  const auto y0 = at::floor(y), x0 = at::floor(x);
+  const auto ly = y - y0, lx = x - x0;
+  GlobalSampling a{at::zeros({g.batch, g.kernel_offset_groups, g.taps(), g.scope_cells()}, options),
+                   Tensor(), Tensor()};
+  a.d_dy = at::zeros_like(a.weight);
+  a.d_dx = at::zeros_like(a.weight);
+  for (int dy = 0; dy < 2; ++dy) {
+    for (int dx = 0; dx < 2; ++dx) {
+      const auto cell_y = y0 + dy, cell_x = x0 + dx;
+      const auto valid =
+          inside & (cell_y >= 0) & (cell_y < g.scope_h) & (cell_x >= 0) & (cell_x < g.scope_w);
+      const auto wy = dy ? ly : 1 - ly, wx = dx ? lx : 1 - lx;
+      const auto cell = at::where(valid, cell_y * g.scope_w + cell_x, 0).to(at::kLong).unsqueeze(-1);
+      auto add = [&](Tensor& target, const Tensor& value) {
+        target.scatter_add_(-1, cell, at::where(valid, value, 0).unsqueeze(-1));
+      };
+      add(a.weight, wy * wx);
+      add(a.d_dy, dy ? wx : -wx);
+      add(a.d_dx, dx ? wy : -wy);
+    }
+  }
+  return a;
+}
+
+// Kernel offset group of every input channel, as (C_in,) indices.
+Tensor kernel_group_of_channel(const DeformKernelGeometry& g, const at::TensorOptions& options) {
+  return at::div(at::arange(g.in_channels, options.dtype(at::kLong)),
+                 g.in_channels / g.kernel_offset_groups, "floor");
+}
+
+// The sampling matrix of each input channel, (N, groups, C_in/groups, taps, S).
+Tensor per_channel(const DeformKernelGeometry& g, const Tensor& sampling) {
+  return sampling.index_select(1, kernel_group_of_channel(g, sampling.options()))
+      .view({g.batch, g.groups, g.in_channels / g.groups, g.taps(), g.scope_cells()});
+}
+
+Tensor scope_by_group(const DeformKernelGeometry& g, const Tensor& weight) {
+  return weight.reshape({g.groups, g.out_channels / g.groups, g.in_channels / g.groups,
+                         g.scope_cells()});
+}
+
+// One kernel per image: (N * C_out, C_in/groups, K_h, K_w) filters for the batched conv.
+Tensor global_filters(const DeformKernelGeometry& g, const Tensor& weight,
+                      const GlobalSampling& sampling) {
+  return at::einsum("ngcts,gocs->ngoct", {per_channel(g, sampling.weight), scope_by_group(g, weight)})
+      .reshape({g.batch * g.out_channels, g.in_channels / g.groups, g.kernel_h, g.kernel_w});
+}
+
+// The batch as one image of N * C channels.
+Tensor batch_as_channels(const Tensor& t) {
+  return t.reshape({1, t.size(0) * t.size(1), t.size(2), t.size(3)});
+}
+
+Tensor global_forward(const DeformKernelGeometry& g, const Tensor& input, const Tensor& weight,
+                      const Tensor& kernel_offset, const OptionalTensor& bias) {
+  const auto filters = global_filters(g, weight, global_sampling(g, kernel_offset));
+  const OptionalTensor batch_bias = bias ? OptionalTensor(bias->repeat({g.batch})) : std::nullopt;
+  return at::convolution(batch_as_channels(input), filters, batch_bias, {g.stride_h, g.stride_w},
+                         {g.pad_h, g.pad_w}, {g.dilation_h, g.dilation_w}, false, {0, 0},
+                         g.batch * g.groups)
+      .view({g.batch, g.out_channels, g.out_h, g.out_w});
+}
+
+// Gradients of (input, weight, kernel_offset); undefined where not needed.
+std::array<Tensor, 3> global_backward(const DeformKernelGeometry& g, const Tensor& grad_output,
+                                      const Tensor& input, const Tensor& weight,
+                                      const Tensor& kernel_offset, std::array<bool, 3> needed) {
+  const auto sampling = global_sampling(g, kernel_offset);
+  const bool need_filters = needed[1] || needed[2];
+  auto [grad_batch_input, grad_filters, unused_grad_bias] = at::convolution_backward(
+      batch_as_channels(grad_output), batch_as_channels(input), global_filters(g, weight, sampling),
+      std::nullopt, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dilation_h, g.dilation_w},
+      false, {0, 0}, g.batch * g.groups, {needed[0], need_filters, false});
+  std::array<Tensor, 3> grads;
+  if (needed[0]) grads[0] = grad_batch_input.view_as(input);
+  if (!need_filters) return grads;
+  const auto grad_kernels = grad_filters.reshape(
+      {g.batch, g.groups, g.out_channels / g.groups, g.in_channels / g.groups, g.taps()});
+  if (needed[1]) {
+    grads[1] = at::einsum("ngoct,ngcts->gocs", {grad_kernels, per_channel(g, sampling.weight)})
+                   .reshape(weight.sizes());
+  }
+  if (needed[2]) {
+    const auto grad_per_channel =
+        at::einsum("ngoct,gocs->ngcts", {grad_kernels, scope_by_group(g, weight)})
+            .reshape({g.batch, g.in_channels, g.taps(), g.scope_cells()});
+    const auto grad_sampling = at::zeros_like(sampling.weight)
+                                   .index_add_(1, kernel_group_of_channel(g, weight.options()),
+                                               grad_per_channel);
+    grads[2] = at::stack({(grad_sampling * sampling.d_dy).sum(-1),
+                          (grad_sampling * sampling.d_dx).sum(-1)},
+                         -1)
+                   .reshape(kernel_offset.sizes());
+  }
+  return grads;
+}
+
+bool uses_global_path(const DeformKernelGeometry& g, const OptionalTensor& data_offset,
+                      const OptionalTensor& mask) {
+  return g.global_kernel_offset && !data_offset && !mask;
+}
+
+OptionalTensor contiguous(const OptionalTensor& t) {
+  return t ? OptionalTensor(t->contiguous()) : std::nullopt;
+}
+
+}  // namespace
+
+Tensor deform_kernel_conv2d_forward(
+    const ColumnKernels& kernels, const Tensor& input, const Tensor& weight,
+    const Tensor& kernel_offset, const OptionalTensor& data_offset, const OptionalTensor& mask,
+    const OptionalTensor& bias, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    int64_t kernel_offset_groups, int64_t deform_groups) {
+  const auto g = check_deform_kernel_conv2d_args(input, weight, kernel_offset, data_offset, mask,
+                                                 bias, kernel_size, stride, padding, dilation,
+                                                 groups, kernel_offset_groups, deform_groups);
+  if (is_reduced_precision(input) && input.is_cpu()) {  // bfloat16 / half on CPU: in float32
+    return deform_kernel_conv2d_forward(kernels, input.to(at::kFloat), weight.to(at::kFloat),
+                                        kernel_offset.to(at::kFloat), to_float(data_offset),
+                                        to_float(mask), to_float(bias), kernel_size, stride,
+                                        padding, dilation, groups, kernel_offset_groups,
+                                        deform_groups)
+        .to(input.scalar_type());
+  }
+  if (g.batch == 0) return at::empty({0, g.out_channels, g.out_h, g.out_w}, input.options());
+  if (uses_global_path(g, data_offset, mask)) {
+    return global_forward(g, input.contiguous(), weight.contiguous(), kernel_offset.contiguous(),
+                          contiguous(bias));
+  }
+  auto chunk = whole_batch(g, input, kernel_offset, data_offset, mask);
+  const auto weight_rows = weight_cells_last(g, weight);
+  const int64_t columns = g.batch * g.positions(), step = columns_per_chunk(g, input.element_size());
+  auto out_columns = at::empty({g.out_channels, columns}, input.options());
+  auto z = at::empty({std::min(step, columns), g.scope_cells() * g.in_channels}, input.options());
+  for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
+    chunk.count = std::min(step, columns - chunk.first);
+    auto z_chunk = z.narrow(0, 0, chunk.count);
+    kernels.scatter_scope_columns(chunk, z_chunk);
+    const auto out_chunk = out_columns.narrow(1, chunk.first, chunk.count);
+    for (int64_t group = 0; group < g.groups; ++group) {
+      auto out_rows = group_part(out_chunk, 0, g.groups, group);
+      at::mm_out(out_rows, group_part(weight_rows, 0, g.groups, group),
+                 group_part(z_chunk, 1, g.groups, group).t());
+    }
+  }
+  auto output = from_columns(out_columns, g);
+  if (bias) output.add_(bias->view({1, -1, 1, 1}));
+  return output;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward(
+    const ColumnKernels& kernels, const Tensor& grad_output, const Tensor& input,
+    const Tensor& weight, const Tensor& kernel_offset, const OptionalTensor& data_offset,
+    const OptionalTensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    int64_t kernel_offset_groups, int64_t deform_groups, std::array<bool, 5> output_mask) {
+  const auto g = check_deform_kernel_conv2d_backward_args(
+      grad_output, input, weight, kernel_offset, data_offset, mask, kernel_size, stride, padding,
+      dilation, groups, kernel_offset_groups, deform_groups);
+  if (is_reduced_precision(input) && input.is_cpu()) {  // bfloat16 / half on CPU: in float32
+    auto grads = deform_kernel_conv2d_backward(
+        kernels, grad_output.to(at::kFloat), input.to(at::kFloat), weight.to(at::kFloat),
+        kernel_offset.to(at::kFloat), to_float(data_offset), to_float(mask), kernel_size, stride,
+        padding, dilation, groups, kernel_offset_groups, deform_groups, output_mask);
+    const auto dtype = input.scalar_type();
+    return {std::get<0>(grads).to(dtype), std::get<1>(grads).to(dtype),
+            std::get<2>(grads).to(dtype), std::get<3>(grads).to(dtype),
+            std::get<4>(grads).to(dtype)};
+  }
+  const bool need_input = output_mask[0], need_weight = output_mask[1];
+  const bool need_kernel_offset = output_mask[2];
+  const bool need_data_offset = output_mask[3] && data_offset.has_value();
+  const bool need_mask = output_mask[4] && mask.has_value();
+  const auto empty = at::empty({0}, input.options());
+  auto result = [&](bool needed, const Tensor& grad, const Tensor& like) {
+    if (!needed) return empty;
+    return grad.defined() ? grad : at::zeros_like(like, at::MemoryFormat::Contiguous);
+  };
+  if (g.batch == 0) {
+    return {result(need_input, Tensor(), input), result(need_weight, Tensor(), weight),
+            result(need_kernel_offset, Tensor(), kernel_offset),
+            need_data_offset ? result(true, Tensor(), *data_offset) : empty,
+            need_mask ? result(true, Tensor(), *mask) : empty};
+  }
+  if (uses_global_path(g, data_offset, mask)) {
+    auto grads = global_backward(g, grad_output.contiguous(), input.contiguous(),
+                                 weight.contiguous(), kernel_offset.contiguous(),
+                                 {need_input, need_weight, need_kernel_offset});
+    return {result(need_input, grads[0], input), result(need_weight, grads[1], weight),
+            result(need_kernel_offset, grads[2], kernel_offset), empty, empty};
+  }
+
+  auto chunk = whole_batch(g, input, kernel_offset, data_offset, mask);
+  const auto weight_rows = weight_cells_last(g, weight);
+  const auto grad_out_columns = to_columns(grad_output);
+  const int64_t columns = g.batch * g.positions(), step = columns_per_chunk(g, input.element_size());
+  const int64_t z_width = g.scope_cells() * g.in_channels;
+  const bool need_z_grad = need_input || need_kernel_offset || need_data_offset || need_mask;
+
+  Tensor grad_weight_rows = need_weight ? at::zeros_like(weight_rows) : Tensor();
+  Tensor grad_input_cl = need_input ? at::zeros_like(chunk.input) : Tensor();
+  Tensor grad_kernel_columns = need_kernel_offset ? at::zeros_like(chunk.kernel_offset) : Tensor();
+  Tensor grad_data_columns = need_data_offset ? at::zeros_like(chunk.data_offset) : Tensor();
+  Tensor grad_mask_columns = need_mask ? at::zeros_like(chunk.mask) : Tensor();
+  auto z = at::empty({std::min(step, columns), z_width}, input.options());
+  auto grad_z = need_z_grad ? at::empty_like(z) : Tensor();
+
+  for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
+    chunk.count = std::min(step, columns - chunk.first);
+    const auto grad_out_chunk = grad_out_columns.narrow(1, chunk.first, chunk.count);
+    if (need_weight) {
+      auto z_chunk = z.narrow(0, 0, chunk.count);
+      kernels.scatter_scope_columns(chunk, z_chunk);
+      for (int64_t group = 0; group < g.groups; ++group) {
+        group_part(grad_weight_rows, 0, g.groups, group)
+            .addmm_(group_part(grad_out_chunk, 0, g.groups, group),
+                    group_part(z_chunk, 1, g.groups, group));
+      }
+    }
+    if (!need_z_grad) continue;
+    auto grad_z_chunk = grad_z.narrow(0, 0, chunk.count);
+    for (int64_t group = 0; group < g.groups; ++group) {
+      auto grad_z_rows = group_part(grad_z_chunk, 1, g.groups, group);
+      at::mm_out(grad_z_rows, group_part(grad_out_chunk, 0, g.groups, group).t(),
+                 group_part(weight_rows, 0, g.groups, group));
+    }
+    if (need_input) kernels.gather_input_grad(chunk, grad_z_chunk, grad_input_cl);
+    if (need_kernel_offset || need_data_offset || need_mask) {
+      kernels.offset_and_mask_grads(chunk, grad_z_chunk, grad_kernel_columns, grad_data_columns,
+                                    grad_mask_columns);
+    }
+  }
+
+  Tensor grad_input = need_input ? grad_input_cl.permute({0, 3, 1, 2}).contiguous() : Tensor();
+  Tensor grad_weight;
+  if (need_weight) {
+    grad_weight = grad_weight_rows.view({g.out_channels, g.scope_cells(), -1})
+                      .transpose(1, 2)
+                      .reshape(weight.sizes());
+  }
+  Tensor grad_kernel_offset;
+  if (need_kernel_offset) {
+    grad_kernel_offset = from_columns(grad_kernel_columns, g);
+    if (g.global_kernel_offset) grad_kernel_offset = grad_kernel_offset.sum({2, 3});
+  }
+  return {result(need_input, grad_input, input), result(need_weight, grad_weight, weight),
+          result(need_kernel_offset, grad_kernel_offset, kernel_offset),
+          need_data_offset ? from_columns(grad_data_columns, g) : empty,
+          need_mask ? from_columns(grad_mask_columns, g) : empty};
+}
+
+}  // namespace dk_ops

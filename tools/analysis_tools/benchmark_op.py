@@ -1,0 +1,104 @@
+"""Forward+backward time of dk_ops.deform_kernel_conv2d against F.conv2d (and mmcv's DCN).
+
+For the 3x3 convs of the ResNet-50 stages (batch N, C in = C out, stride 1, padding 1),
+prints the median time of forward+backward (gradients of every input) and its ratio to
+F.conv2d measured in the same run, so a noisy shared machine still gives fair ratios:
+
+    python tools/analysis_tools/benchmark_op.py [--batch 2] [--repeats 5] [--device cpu]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dk_ops
+
+STAGES = ((128, 100), (256, 50), (512, 25))  # (channels, spatial size) of c3, c4, c5 at 800px
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def median_time(step, device, repeats):
+    step()  # warm-up (allocator, oneDNN / cuDNN plans)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def leaf(tensor):
+    return tensor.detach().requires_grad_()
+
+
+def forward_backward(fn, *inputs):
+
+    def step():
+        for t in inputs:
+            t.grad = None
+        fn(*inputs).sum().backward()
+
+    return step
+
+
+def cases(channels, size, batch, device, dtype):
+    """(name, step) pairs; every tensor that a layer would learn or receive requires grad."""
+    make = dict(device=device, dtype=dtype)
+    x = leaf(torch.randn(batch, channels, size, size, **make))
+    rigid = leaf(torch.randn(channels, channels, 3, 3, **make) * 0.01)
+    offsets = lambda scale: leaf(scale * torch.randn(batch, 18, size, size, **make))  # noqa: E731
+
+    def dk(scope, kernel_offset, **kw):
+        weight = leaf(torch.randn(channels, channels, scope, scope, **make) * 0.01)
+        return forward_backward(
+            lambda x, w, ko, *extra: dk_ops.deform_kernel_conv2d(
+                x, w, ko, kernel_size=3, padding=1, **dict(zip(kw, extra))), x, weight,
+            kernel_offset, *kw.values())
+
+    yield 'F.conv2d', forward_backward(lambda x, w: F.conv2d(x, w, padding=1), x, rigid)
+    yield 'DK local, scope 3', dk(3, offsets(0.3))
+    yield 'DK local, scope 4', dk(4, offsets(0.3))
+    yield 'DK global, scope 4', dk(4, leaf(0.3 * torch.randn(batch, 18, **make)))
+    yield 'DK+DCN, scope 4', dk(4, offsets(0.3), data_offset=offsets(1.0))
+    try:
+        from mmcv.ops import deform_conv2d
+    except ImportError:
+        return
+    if device.type == 'cpu' and dtype != torch.float32:
+        return
+    yield 'mmcv DCN', forward_backward(
+        lambda x, w, off: deform_conv2d(x, off, w, 1, 1, 1, 1, 1, False, batch), x, rigid,
+        offsets(1.0))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(f'device={device} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()}'
+          f' torch={torch.__version__}')
+    print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d |')
+    print('|---|---|---|---|')
+    for channels, size in STAGES:
+        baseline = None
+        for name, step in cases(channels, size, args.batch, device, dtype):
+            seconds = median_time(step, device, args.repeats)
+            baseline = baseline or seconds
+            print(f'| ({args.batch}, {channels}, {size}, {size}) | {name} | '
+                  f'{seconds * 1e3:.1f} | {seconds / baseline:.2f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
