@@ -4,6 +4,8 @@
 ``torch.ops.dk_ops.*`` operators), attaches autograd and fake kernels, and exposes
 the functional op and the modules.
 """
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from dk_ops import _C  # noqa: F401  (registers torch.ops.dk_ops)
 from dk_ops.ops import deform_kernel_conv2d
 from dk_ops.modules import DeformKernel2d, DeformKernelConv2d, GlobalDeformKernel2d
