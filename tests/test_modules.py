@@ -1,6 +1,8 @@
 """The nn.Modules around the op (DeformKernel2d, GlobalDeformKernel2d, DeformKernelConv2d)
 and the mapping between rigid kernels and scopes."""
 import functools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,6 +29,13 @@ GEOMETRIES = {
 }
 kinds = pytest.mark.parametrize('kind', MODULES)
 geometries = pytest.mark.parametrize('geometry', GEOMETRIES.values(), ids=GEOMETRIES.keys())
+
+
+def test_package_imports_on_its_own():
+    # A fresh interpreter whose first import is dk_ops (torch not imported beforehand).
+    result = subprocess.run([sys.executable, '-c', 'import dk_ops'], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def build(kind, geometry, seed=0):
@@ -200,7 +209,7 @@ INVALID = {
 @kinds
 @pytest.mark.parametrize('changes,argument', INVALID.values(), ids=INVALID.keys())
 def test_invalid_constructor_arguments_raise(kind, changes, argument):
-    arguments = dict(in_channels=4, out_channels=6, kernel_size=3, **changes)
+    arguments = {**dict(in_channels=4, out_channels=6, kernel_size=3), **changes}
     with pytest.raises(ValueError, match=argument):
         MODULES[kind](**arguments)
 

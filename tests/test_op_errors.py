@@ -152,6 +152,13 @@ def test_bad_grad_output_of_backward_op_raises_a_clear_error():
             BASE.kernel_offset_groups, BASE.deform_groups, [True] * 5)
 
 
+@pytest.mark.parametrize('budget', ['0', '-5', 'lots'])
+def test_bad_column_budget_raises_a_clear_error(budget, monkeypatch):
+    monkeypatch.setenv('DK_OPS_MAX_COLUMN_BYTES', budget)
+    with pytest.raises((ValueError, RuntimeError), match=f'DK_OPS_MAX_COLUMN_BYTES[\\s\\S]*{budget}'):
+        BASE.call(dk_ops.deform_kernel_conv2d, BASE.make_inputs())
+
+
 # ----------------------------------------------------------------------------- non-finite
 # Documented: a non-finite offset puts its tap outside the scope (or image), so the tap
 # contributes zero and gets zero gradient, exactly like a finite offset that lands far
