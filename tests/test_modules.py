@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 import dk_ops
 from dk_ops.weight_mapping import scope_to_rigid
@@ -59,19 +60,18 @@ def rigid_conv(module, x):
 @geometries
 def test_exposes_conv2d_attributes(kind, geometry):
     module = build(kind, geometry)
-    pair = torch.nn.modules.utils._pair
-    kernel_size = pair(geometry['kernel_size'])
+    kernel_size = _pair(geometry['kernel_size'])
     default_scope = (kernel_size[0] + 1, kernel_size[1] + 1)
     assert module.in_channels == geometry['in_channels']
     assert module.out_channels == geometry['out_channels']
     assert module.kernel_size == kernel_size
-    assert module.stride == pair(geometry.get('stride', 1))
-    assert module.padding == pair(geometry.get('padding', 0))
-    assert module.dilation == pair(geometry.get('dilation', 1))
+    assert module.stride == _pair(geometry.get('stride', 1))
+    assert module.padding == _pair(geometry.get('padding', 0))
+    assert module.dilation == _pair(geometry.get('dilation', 1))
     assert module.groups == geometry.get('groups', 1)
     assert module.transposed is False
     assert tuple(module.output_padding) == (0, 0)
-    scope = pair(geometry.get('scope_size', default_scope))
+    scope = _pair(geometry.get('scope_size', default_scope))
     assert module.weight.shape == (geometry['out_channels'],
                                    geometry['in_channels'] // module.groups, *scope)
     if geometry.get('bias', True):

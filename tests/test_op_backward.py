@@ -96,7 +96,8 @@ def test_global_offset_gradients_equal_broadcast_local(problem):
     assert_gradients_close(gradients, expected)
 
 
-@by_name(problems_named('data_offset_mask_dgroups2_groups2', 'global_data_offset_mask_dgroups2'))
+@by_name(problems_named('k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2',
+                        'global_data_offset_mask_dgroups2'))
 def test_non_contiguous_gradients(problem):
     tensors = problem.make_inputs()
     _, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
@@ -130,7 +131,7 @@ def test_tiny_column_budget_gives_the_same_gradients(problem, monkeypatch):
     assert_gradients_close(chunked, default)
 
 
-@by_name(problems_named('k3_scope4_local', 'data_offset_mask_dgroups2_groups2',
+@by_name(problems_named('k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2',
                         'global_data_offset_mask_dgroups2'))
 def test_bfloat16_gradients_close_to_reference(problem):
     tensors = problem.make_inputs(torch.bfloat16)
@@ -194,7 +195,8 @@ def forward_op_args(problem, tensors):
 
 
 @pytest.mark.parametrize('requires_grad', [False, True], ids=['no_grad', 'requires_grad'])
-@by_name(problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'global', 'data_offset_mask_dgroups2_groups2'))
+@by_name(problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'global',
+                        'data_offset_mask_dgroups2_groups2'))
 def test_opcheck_forward(problem, requires_grad):
     tensors = problem.make_inputs(torch.float32)
     for tensor in tensors.values():

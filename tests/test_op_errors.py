@@ -155,7 +155,8 @@ def test_bad_grad_output_of_backward_op_raises_a_clear_error():
 @pytest.mark.parametrize('budget', ['0', '-5', 'lots'])
 def test_bad_column_budget_raises_a_clear_error(budget, monkeypatch):
     monkeypatch.setenv('DK_OPS_MAX_COLUMN_BYTES', budget)
-    with pytest.raises((ValueError, RuntimeError), match=f'DK_OPS_MAX_COLUMN_BYTES[\\s\\S]*{budget}'):
+    with pytest.raises((ValueError, RuntimeError),
+                       match=rf'DK_OPS_MAX_COLUMN_BYTES[\s\S]*{budget}'):
         BASE.call(dk_ops.deform_kernel_conv2d, BASE.make_inputs())
 
 

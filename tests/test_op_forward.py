@@ -38,6 +38,7 @@ def test_matches_reference(problem, dtype):
 
 @by_name([
     problem_named('k3_scope4_local'),
+    problem_named('global'),
     problem_named('data_offset_mask_dgroups2_groups2'),
     problem_named('global_data_offset_mask_dgroups2'),
 ])
@@ -53,8 +54,10 @@ def test_bfloat16_close_to_reference(problem):
 
 
 @by_name([
-    dataclasses.replace(problem_named('data_offset_mask_dgroups2_groups2'), name='local_all'),
-    dataclasses.replace(problem_named('global_data_offset_mask_dgroups2'), name='global_all'),
+    problem_named('k3_scope4_local'),
+    problem_named('global'),
+    problem_named('data_offset_mask_dgroups2_groups2'),
+    problem_named('global_data_offset_mask_dgroups2'),
 ])
 def test_non_contiguous_inputs(problem):
     tensors = problem.make_inputs()
