@@ -172,6 +172,30 @@ def test_mmdet_coco_dataset_loads_it(dataset):
                                   [coco.annToMask(ann) for ann in anns])
 
 
+def test_mmdet_coco_metric_scores_ground_truth_as_perfect(dataset):
+    """mmdet's evaluator, the one the trainings report through, reads the RLE ground truth."""
+    import torch
+    from mmdet.evaluation import CocoMetric
+    path = dataset[1]['val']
+    coco = load_coco(path)
+    metric = CocoMetric(ann_file=path, metric=['bbox', 'segm'])
+    metric.dataset_meta = dict(classes=CLASSES)
+    for image in coco.dataset['images']:
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image['id']))
+        predictions = dict(
+            bboxes=torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in anns)],
+                                dtype=torch.float32),
+            scores=torch.ones(len(anns)),
+            labels=torch.tensor([CLASSES.index(coco.loadCats(a['category_id'])[0]['name'])
+                                 for a in anns]),
+            masks=torch.from_numpy(np.stack([coco.annToMask(a) for a in anns]).astype(bool)))
+        metric.process({}, [dict(img_id=image['id'], ori_shape=(image['height'], image['width']),
+                                 pred_instances=predictions)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = metric.evaluate(size=len(coco.dataset['images']))
+    assert results['coco/bbox_mAP'] == results['coco/segm_mAP'] == 1.0
+
+
 def test_command_line_writes_and_reports_each_split(tmp_path, capsys):
     main(['--out', str(tmp_path), '--num-train', '2', '--num-val', '1', '--num-hard', '1',
           '--img-size', '96', '--seed', '1'])
