@@ -1,7 +1,8 @@
 """nn.Modules around :func:`dk_ops.deform_kernel_conv2d`.
 
 Every offset generator starts at zero, so a freshly built layer is the rigid
-convolution of its zero-offset kernel (taps at the centre of the scope).
+convolution of its zero-offset kernel (taps at the centre of the scope); a modulated
+DeformKernelConv2d, like DCNv2, starts with its mask at sigmoid(0) = 0.5.
 """
 import math
 from typing import Optional, Tuple
@@ -137,7 +138,8 @@ class GlobalDeformKernel2d(_DeformKernelBase):
 class DeformKernelConv2d(_DeformKernelBase):
     """DK + DCN: learned kernel offsets and learned data offsets (DCNv2 mask if modulated).
 
-    ``deform_groups`` splits the input channels for the data offsets as in mmcv's DCN.
+    ``deform_groups`` splits the input channels for the data offsets as in mmcv's DCN. The
+    mask is ``sigmoid`` of its generator, so it starts at 0.5 everywhere, as in DCNv2.
     """
 
     def __init__(self, *args, deform_groups: int = 1, modulated: bool = False, **kwargs):

@@ -226,4 +226,5 @@ def test_torch_compile_fullgraph_matches_eager(problem):
     output, gradients = output_and_gradients(problem, compiled, tensors)
     expected_output, expected = output_and_gradients(problem, deform_kernel_then_sigmoid, tensors)
     torch.testing.assert_close(output, expected_output)
-    assert_gradients_close(gradients, expected)
+    # float32 tolerances: inductor fuses the sigmoid's backward and rounds differently.
+    assert_gradients_close(gradients, expected, rtol=1.3e-6, atol=1e-5)

@@ -260,23 +260,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
   const bool need_kernel_offset = output_mask[2];
   const bool need_data_offset = output_mask[3] && data_offset.has_value();
   const bool need_mask = output_mask[4] && mask.has_value();
-  const auto empty = at::empty({0}, input.options());
+  // Outputs of an op must not alias each other, so every unwanted gradient is its own
+  // empty tensor; wanted ones are contiguous, as the fake kernel promises.
+  auto empty = [&] { return at::empty({0}, input.options()); };
   auto result = [&](bool needed, const Tensor& grad, const Tensor& like) {
-    if (!needed) return empty;
-    return grad.defined() ? grad : at::zeros_like(like, at::MemoryFormat::Contiguous);
+    if (!needed) return empty();
+    return grad.defined() ? grad.contiguous() : at::zeros_like(like, at::MemoryFormat::Contiguous);
   };
   if (g.batch == 0) {
     return {result(need_input, Tensor(), input), result(need_weight, Tensor(), weight),
             result(need_kernel_offset, Tensor(), kernel_offset),
-            need_data_offset ? result(true, Tensor(), *data_offset) : empty,
-            need_mask ? result(true, Tensor(), *mask) : empty};
+            need_data_offset ? result(true, Tensor(), *data_offset) : empty(),
+            need_mask ? result(true, Tensor(), *mask) : empty()};
   }
   if (uses_global_path(g, data_offset, mask)) {
     auto grads = global_backward(g, grad_output.contiguous(), input.contiguous(),
                                  weight.contiguous(), kernel_offset.contiguous(),
                                  {need_input, need_weight, need_kernel_offset});
     return {result(need_input, grads[0], input), result(need_weight, grads[1], weight),
-            result(need_kernel_offset, grads[2], kernel_offset), empty, empty};
+            result(need_kernel_offset, grads[2], kernel_offset), empty(), empty()};
   }
 
   auto chunk = whole_batch(g, input, kernel_offset, data_offset, mask);
@@ -334,8 +336,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
   }
   return {result(need_input, grad_input, input), result(need_weight, grad_weight, weight),
           result(need_kernel_offset, grad_kernel_offset, kernel_offset),
-          need_data_offset ? from_columns(grad_data_columns, g) : empty,
-          need_mask ? from_columns(grad_mask_columns, g) : empty};
+          need_data_offset ? from_columns(grad_data_columns, g) : empty(),
+          need_mask ? from_columns(grad_mask_columns, g) : empty()};
 }
 
 }  // namespace dk_ops
