@@ -24,9 +24,10 @@ def use_cuda() -> bool:
 def extension():
     sources = sorted(glob.glob(os.path.join(CSRC, '*.cpp')) +
                      glob.glob(os.path.join(CSRC, 'cpu', '*.cpp')))
-    cxx_flags = ['-O3', '-std=c++20']
+    # -fopenmp-simd: honour `#pragma omp simd` (vectorised reductions) without an OpenMP runtime.
+    cxx_flags = ['-O3', '-std=c++20', '-fopenmp-simd']
     if os.environ.get('DEBUG', '0') == '1':
-        cxx_flags = ['-O0', '-g', '-std=c++20']
+        cxx_flags = ['-O0', '-g', '-std=c++20', '-fopenmp-simd']
     if not use_cuda():
         return CppExtension('dk_ops._C', sources, extra_compile_args={'cxx': cxx_flags})
     sources += sorted(glob.glob(os.path.join(CSRC, 'cuda', '*.cu')) +

@@ -2,7 +2,8 @@
 
 For the 3x3 convs of the ResNet-50 stages (batch N, C in = C out, stride 1, padding 1),
 prints the median time of forward+backward (gradients of every input) and its ratio to
-F.conv2d measured in the same run, so a noisy shared machine still gives fair ratios:
+F.conv2d. The cases of a shape are timed in interleaved rounds, so load from other
+processes on a shared machine hits them alike and the ratios stay fair:
 
     python tools/analysis_tools/benchmark_op.py [--batch 2] [--repeats 5] [--device cpu]
 """
@@ -23,16 +24,18 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def median_time(step, device, repeats):
-    step()  # warm-up (allocator, oneDNN / cuDNN plans)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_times(steps, device, repeats):
+    """Median seconds of each step, timed round-robin (one call of each step per round)."""
+    times = [[] for _ in steps]
+    for round_ in range(repeats + 1):  # round 0 warms up (allocator, oneDNN / cuDNN plans)
+        for step, samples in zip(steps, times):
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            if round_:
+                samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def leaf(tensor):
@@ -92,12 +95,11 @@ def main():
     print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d |')
     print('|---|---|---|---|')
     for channels, size in STAGES:
-        baseline = None
-        for name, step in cases(channels, size, args.batch, device, dtype):
-            seconds = median_time(step, device, args.repeats)
-            baseline = baseline or seconds
+        names, steps = zip(*cases(channels, size, args.batch, device, dtype))
+        seconds = median_times(steps, device, args.repeats)
+        for name, time_ in zip(names, seconds):
             print(f'| ({args.batch}, {channels}, {size}, {size}) | {name} | '
-                  f'{seconds * 1e3:.1f} | {seconds / baseline:.2f} |', flush=True)
+                  f'{time_ * 1e3:.1f} | {time_ / seconds[0]:.2f} |', flush=True)
 
 
 if __name__ == '__main__':
