@@ -164,14 +164,21 @@ void scatter_scope_columns_impl(const ColumnChunk& chunk, Tensor& z) {
           const auto data = s.data_corners(run.deform_group, tap, col);
           if (kernel.count == 0 || data.count == 0) continue;
           const T m = s.modulation(run.deform_group, tap, col);
-          T* v = sample.data();
-          std::fill(v, v + run.size(), T(0));
-          for (int k = 0; k < data.count; ++k) {
-            axpy(m * data.weight[k], image + data.index[k] * g.in_channels + run.begin, v,
-                 run.size());
+          // One input cell (the rigid grid): spread it directly, folding its weight in.
+          const T* v = image + data.index[0] * g.in_channels + run.begin;
+          T scale = m * data.weight[0];
+          if (data.count > 1) {
+            std::fill(sample.begin(), sample.begin() + run.size(), T(0));
+            for (int k = 0; k < data.count; ++k) {
+              axpy(m * data.weight[k], image + data.index[k] * g.in_channels + run.begin,
+                   sample.data(), run.size());
+            }
+            v = sample.data();
+            scale = 1;
           }
           for (int k = 0; k < kernel.count; ++k) {
-            axpy(kernel.weight[k], v, z_col + s.z_offset(run, kernel.index[k]), run.size());
+            axpy(scale * kernel.weight[k], v, z_col + s.z_offset(run, kernel.index[k]),
+                 run.size());
           }
         }
       }
@@ -198,12 +205,20 @@ void gather_input_grad_impl(const ColumnChunk& chunk, const Tensor& grad_z, Tens
           const auto kernel = s.kernel_corners(run.kernel_group, tap, col);
           const auto data = s.data_corners(run.deform_group, tap, col);
           if (kernel.count == 0 || data.count == 0) continue;
+          const T m = s.modulation(run.deform_group, tap, col);
+          if (data.count == 1) {  // one input cell (the rigid grid): gather straight into it
+            T* gx = grad_image + data.index[0] * g.in_channels + run.begin;
+            for (int k = 0; k < kernel.count; ++k) {
+              axpy(m * data.weight[0] * kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]),
+                   gx, run.size());
+            }
+            continue;
+          }
           T* gv = grad.data();
           std::fill(gv, gv + run.size(), T(0));
           for (int k = 0; k < kernel.count; ++k) {
             axpy(kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]), gv, run.size());
           }
-          const T m = s.modulation(run.deform_group, tap, col);
           for (int k = 0; k < data.count; ++k) {
             axpy(m * data.weight[k], gv, grad_image + data.index[k] * g.in_channels + run.begin,
                  run.size());
@@ -246,20 +261,26 @@ void offset_and_mask_grads_impl(const ColumnChunk& chunk, const Tensor& grad_z,
           const int64_t deform_row = run.deform_group * g.taps() + tap;
           T* v = buffer.data();
           if (gko) {  // v = X(p), then a dot with gZ at each scope corner
-            std::fill(v, v + run.size(), T(0));
-            for (int k = 0; k < data.count; ++k) {
-              axpy(data.weight[k], image + data.index[k] * g.in_channels + run.begin, v,
-                   run.size());
+            const T* x = image + data.index[0] * g.in_channels + run.begin;
+            T scale = data.weight[0];  // one input cell (the rigid grid): use it in place
+            if (data.count > 1) {
+              std::fill(v, v + run.size(), T(0));
+              for (int k = 0; k < data.count; ++k) {
+                axpy(data.weight[k], image + data.index[k] * g.in_channels + run.begin, v,
+                     run.size());
+              }
+              x = v;
+              scale = 1;
             }
             T dy = 0, dx = 0;
             for (int k = 0; k < kernel.count; ++k) {
-              const T d = dot(v, gz_col + s.z_offset(run, kernel.index[k]), run.size());
+              const T d = dot(x, gz_col + s.z_offset(run, kernel.index[k]), run.size());
               dy += kernel.d_dy[k] * d;
               dx += kernel.d_dx[k] * d;
             }
             T* out = gko + 2 * (run.kernel_group * g.taps() + tap) * stride + col;
-            out[0] += m * dy;
-            out[stride] += m * dx;
+            out[0] += m * scale * dy;
+            out[stride] += m * scale * dx;
           }
           if (gdo || gm) {  // v = G, then a dot with the input at each image corner
             std::fill(v, v + run.size(), T(0));
