@@ -4,13 +4,14 @@
   with its parameters frozen (the tools differentiate with respect to the input only).
 - :func:`read_annotated_images`: the ground-truth objects of some images, from a COCO file.
 - :class:`ImageInput`: one image through the config's test pipeline, as float pixels that
-  autograd can differentiate with respect to, and its boxes in those pixels' coordinates.
+  autograd can differentiate with respect to, and its boxes scaled to those pixels (the
+  pipeline may resize and pad, nothing else).
 - :func:`run_to_layer`: the model's data preprocessor and ``extract_feat`` on those pixels,
   returning what one named module received and returned.
 - :func:`unit_index`: the feature-map cell that holds a point of the input.
 
-Coordinates: the test pipeline resizes the image (and pads it afterwards, in the data
-preprocessor); box coordinates from the pipeline and everything the tools compute live in the
+Coordinates: the test pipeline resizes the image (and the data preprocessor pads it); the
+boxes, scaled by the pipeline's ``scale_factor``, and everything the tools compute live in the
 resized, unpadded image ("input pixels"). A feature map of stride s covers input pixels
 [i*s, (i+1)*s) with its cell i, s being the padded input size over the feature map size.
 """
@@ -104,32 +105,27 @@ def read_annotated_images(ann_file: str, images: Sequence[str]) -> List[Annotate
 
 
 class ImageInput:
-    """Runs images through a model config's test pipeline, boxes included."""
+    """Runs images through a model config's test pipeline, without its annotation loading."""
 
     def __init__(self, cfg):
-        pipeline = copy.deepcopy(cfg.test_dataloader.dataset.pipeline)
-        load_annotations = [step for step in pipeline if step['type'] in LOAD_ANNOTATIONS_TYPES]
-        if load_annotations:
-            # Boxes only: the tools need neither masks nor the dataset's label mapping.
-            for step in load_annotations:
-                step.update(with_bbox=True, with_label=True, with_mask=False, with_seg=False)
-        else:
-            pipeline.insert(1, dict(type='mmdet.LoadAnnotations', with_bbox=True))
+        # mmdet's test pipelines load the boxes after resizing, i.e. unscaled, for evaluation;
+        # the tools scale them with the pipeline's scale_factor instead.
+        pipeline = [step for step in copy.deepcopy(cfg.test_dataloader.dataset.pipeline)
+                    if step['type'] not in LOAD_ANNOTATIONS_TYPES]
         self.pipeline = Compose(pipeline)
 
     def __call__(self, image: AnnotatedImage):
-        """(pixels (3, H, W) float32 in the loader's channel order, data sample whose
-        ``gt_instances.bboxes`` (x1, y1, x2, y2) follow ``image.objects`` in input pixels)."""
-        instances = [dict(bbox=[x, y, x + w, y + h], bbox_label=0, ignore_flag=0)
-                     for x, y, w, h in (obj.bbox for obj in image.objects)]
-        results = self.pipeline(dict(img_path=image.path, img_id=image.image_id,
-                                     instances=instances))
+        """(pixels (3, H, W) float32 in the loader's channel order, data sample, boxes
+        (x1, y1, x2, y2) of ``image.objects`` in input pixels)."""
+        results = self.pipeline(dict(img_path=image.path, img_id=image.image_id))
         sample = results['data_samples']
-        if len(sample.gt_instances) != len(image.objects):
-            raise ValueError(f'the test pipeline kept {len(sample.gt_instances)} of the '
-                             f'{len(image.objects)} boxes of {image.path}; the tools need a '
-                             'pipeline that only resizes (and pads) the image')
-        return results['inputs'].float(), sample
+        if 'scale_factor' not in sample:
+            raise KeyError('the test pipeline must keep scale_factor in the meta_keys of '
+                           'PackDetInputs: the tools scale the boxes with it')
+        scale_x, scale_y = sample.scale_factor
+        boxes = [(x * scale_x, y * scale_y, (x + w) * scale_x, (y + h) * scale_y)
+                 for x, y, w, h in (obj.bbox for obj in image.objects)]
+        return results['inputs'].float(), sample, boxes
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
