@@ -1,13 +1,20 @@
 """CondConv: the mixture formula, its start, rigid-weight loading, mmcv/mmdet integration."""
+import glob
 import math
+import os.path as osp
 
 import pytest
 import torch
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule, build_conv_layer
+from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
+from mmengine.runner.checkpoint import load_state_dict as mmengine_load_state_dict
+from torch import nn
 
 from dk_mmdet.cond_conv import CondConv2d
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 def reference_cond_conv(layer, x):
@@ -178,7 +185,20 @@ def thin_resnet(dcn=None):
                              stage_with_dcn=stage_with_dcn, norm_eval=False))
 
 
-def test_resnet_from_a_rigid_checkpoint_computes_the_rigid_outputs():
+def torch_loader(module, state_dict):
+    result = module.load_state_dict(state_dict, strict=False)
+    return result.missing_keys, result.unexpected_keys
+
+
+def mmengine_loader(module, state_dict):
+    # The path of init_cfg=dict(type='Pretrained', ...), which has its own recursion.
+    mmengine_load_state_dict(module, state_dict, strict=False, logger='silent')
+    keys = set(module.state_dict())
+    return sorted(keys - set(state_dict)), sorted(set(state_dict) - keys)
+
+
+@pytest.mark.parametrize('load', [torch_loader, mmengine_loader])
+def test_resnet_from_a_rigid_checkpoint_computes_the_rigid_outputs(load):
     torch.manual_seed(6)
     rigid = thin_resnet()
     rigid.init_weights()
@@ -190,11 +210,11 @@ def test_resnet_from_a_rigid_checkpoint_computes_the_rigid_outputs():
     cond = thin_resnet(dict(type='CondConv', num_experts=4, fallback_on_stride=False))
     conv2 = cond.layer3[1].conv2
     assert type(conv2) is CondConv2d and conv2.weight.shape == (4, 32, 32, 3, 3)
-    incompatible = cond.load_state_dict(rigid.state_dict(), strict=False)
+    missing, unexpected = load(cond, rigid.state_dict())
     # Only the routing is new.
-    assert incompatible.unexpected_keys == []
-    assert all('.routing.' in key for key in incompatible.missing_keys)
-    assert len(incompatible.missing_keys) == 2 * (4 + 6 + 3)
+    assert unexpected == []
+    assert all('.routing.' in key for key in missing)
+    assert len(missing) == 2 * (4 + 6 + 3)
     rigid.eval()
     cond.eval()
     x = torch.randn(2, 3, 64, 64)
@@ -211,3 +231,27 @@ def test_spread_scales_with_the_kernel():
     # Two experts: the deviations are +d and -d, with RMS 0.3 * 2 per filter.
     assert torch.allclose(experts[0] - 2.0, 2.0 - experts[1])
     assert math.isclose(float((experts[0] - 2.0).pow(2).mean().sqrt()), 0.6, rel_tol=1e-5)
+
+
+CONDCONV_CONFIGS = sorted(glob.glob(osp.join(REPO_ROOT, 'configs', '*', '*condconv*.py')))
+
+
+def test_there_are_condconv_configs_for_coco_and_the_quickstart():
+    names = {osp.relpath(path, REPO_ROOT) for path in CONDCONV_CONFIGS}
+    assert {f'configs/dk/{detector}-rcnn_r{depth}-condconv-c3-c5_fpn_1x_coco.py'
+            for detector in ('faster', 'mask') for depth in (50, 101)} <= names
+    assert 'configs/shapes/faster-rcnn_r50-condconv-c3-c5_fpn_shapes.py' in names
+
+
+@pytest.mark.parametrize('config', CONDCONV_CONFIGS, ids=osp.basename)
+def test_condconv_configs_put_condconv_in_c3_to_c5(config):
+    cfg = Config.fromfile(config)
+    cfg.model.backbone.init_cfg = None
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        backbone = MODELS.build(cfg.model).backbone
+    for stage in range(4):
+        expected = nn.Conv2d if stage == 0 else CondConv2d
+        blocks = getattr(backbone, f'layer{stage + 1}')
+        assert all(type(block.conv2) is expected for block in blocks)
+        if stage:
+            assert blocks[0].conv2.num_experts == 8
