@@ -60,6 +60,17 @@ def deform_kernel_conv2d(input: Tensor,
 
     Non-finite offsets put their tap outside the scope (or image): the tap contributes
     zero and receives zero gradient.
+
+    dtypes: float32, float64, float16 and bfloat16, all tensors alike. The CPU computes
+    float16 / bfloat16 in float32; CUDA keeps the sampled scope columns and the GEMMs in
+    that dtype and sums in float32 (like cuDNN convolutions). Under
+    ``torch.autocast("cuda")`` the op behaves like ``conv2d``: its floating-point CUDA
+    tensors (float64 ones excepted) are cast to the autocast dtype and it runs in it.
+
+    Determinism on CUDA: without ``data_offset`` every kernel is deterministic. With
+    ``data_offset``, the input gradient is added with atomics, so under
+    ``torch.use_deterministic_algorithms(True)`` the backward raises (or warns, with
+    ``warn_only=True``), as PyTorch's own nondeterministic ops do.
     """
     return _forward(input, weight, kernel_offset, data_offset, mask, bias,
                     _pair(kernel_size, 'kernel_size'), _pair(stride, 'stride'),

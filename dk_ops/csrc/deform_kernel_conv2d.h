@@ -69,6 +69,7 @@ struct ColumnKernels {
   // z (count, S*C_in) = scope columns of the chunk (every entry written).
   void (*scatter_scope_columns)(const ColumnChunk& chunk, at::Tensor& z);
   // grad_input (N, H, W, C_in) += the input gradient carried by grad_z (count, S*C_in).
+  // grad_input is float32 when grad_z is half / bfloat16: it sums over taps and chunks.
   void (*gather_input_grad)(const ColumnChunk& chunk, const at::Tensor& grad_z,
                             at::Tensor& grad_input);
   // Offset and mask gradients of the chunk's columns, in column layout (like the inputs);

@@ -288,8 +288,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
   const int64_t z_width = g.scope_cells() * g.in_channels;
   const bool need_z_grad = need_input || need_kernel_offset || need_data_offset || need_mask;
 
-  Tensor grad_weight_rows = need_weight ? at::zeros_like(weight_rows) : Tensor();
-  Tensor grad_input_cl = need_input ? at::zeros_like(chunk.input) : Tensor();
+  // Gradients summed over chunks (and, by gather_input_grad, over taps) accumulate in float32
+  // for half / bfloat16, which only CUDA computes as such (the CPU upcasts them above).
+  const auto accumulate_type = is_reduced_precision(input) ? at::kFloat : input.scalar_type();
+  Tensor grad_weight_rows = need_weight ? at::zeros_like(weight_rows, accumulate_type) : Tensor();
+  Tensor grad_input_cl = need_input ? at::zeros_like(chunk.input, accumulate_type) : Tensor();
   Tensor grad_kernel_columns = need_kernel_offset ? at::zeros_like(chunk.kernel_offset) : Tensor();
   Tensor grad_data_columns = need_data_offset ? at::zeros_like(chunk.data_offset) : Tensor();
   Tensor grad_mask_columns = need_mask ? at::zeros_like(chunk.mask) : Tensor();
@@ -303,9 +306,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
       auto z_chunk = z.narrow(0, 0, chunk.count);
       kernels.scatter_scope_columns(chunk, z_chunk);
       for (int64_t group = 0; group < g.groups; ++group) {
-        group_part(grad_weight_rows, 0, g.groups, group)
-            .addmm_(group_part(grad_out_chunk, 0, g.groups, group),
-                    group_part(z_chunk, 1, g.groups, group));
+        auto grad_rows = group_part(grad_weight_rows, 0, g.groups, group);
+        const auto grad_out_rows = group_part(grad_out_chunk, 0, g.groups, group);
+        const auto z_rows = group_part(z_chunk, 1, g.groups, group);
+        if (grad_rows.scalar_type() == z.scalar_type()) {
+          grad_rows.addmm_(grad_out_rows, z_rows);
+        } else {  // a half / bfloat16 GEMM, added to the float32 sum
+          grad_rows.add_(at::mm(grad_out_rows, z_rows));
+        }
       }
     }
     if (!need_z_grad) continue;
@@ -322,12 +330,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
     }
   }
 
-  Tensor grad_input = need_input ? grad_input_cl.permute({0, 3, 1, 2}).contiguous() : Tensor();
+  const auto dtype = input.scalar_type();  // .to(dtype) is a no-op unless accumulated in float32
+  Tensor grad_input =
+      need_input ? grad_input_cl.permute({0, 3, 1, 2}).contiguous().to(dtype) : Tensor();
   Tensor grad_weight;
   if (need_weight) {
     grad_weight = grad_weight_rows.view({g.out_channels, g.scope_cells(), -1})
                       .transpose(1, 2)
-                      .reshape(weight.sizes());
+                      .reshape(weight.sizes())
+                      .to(dtype);
   }
   Tensor grad_kernel_offset;
   if (need_kernel_offset) {

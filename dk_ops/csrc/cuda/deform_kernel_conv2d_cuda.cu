@@ -1,0 +1,514 @@
+// CUDA column kernels of deform_kernel_conv2d (the shared driver does layouts and GEMMs).
+//
+// The same quantities as the CPU kernels (cpu/deform_kernel_conv2d_cpu.cpp) from the same
+// sampling math (sampling.h). A row of Z, the scope columns, is laid out as
+// (groups, S, C_in/groups) and the input is channels-last (N, H, W, C_in), so threads that
+// differ only in their channel read and write consecutive addresses. Work split:
+//   scope columns       one thread per (column, channel): it owns that channel's S cells of Z
+//   input gradient      rigid data grid: one thread per (input pixel, channel), gathering
+//                       from the columns that read the pixel (no atomics, deterministic);
+//                       with data offsets: one thread per (column, channel), atomicAdd
+//   offset/mask grads   one warp per (column, tap, offset group), summing over its channels
+//                       (one writer per gradient entry, deterministic)
+// half and bfloat16 are read and written as such; every sum runs in float32 (opmath).
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "../deform_kernel_conv2d.h"
+#include "../sampling.h"
+
+namespace dk_ops {
+namespace {
+
+using at::Tensor;
+
+constexpr int kThreadsPerBlock = 256;
+constexpr int kWarpSize = 32;
+constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // the loops below stride over the rest
+// Scope cells whose sums one thread keeps in registers / local memory at a time:
+// one pass for the default 4 x 4 scope of a 3 x 3 kernel.
+constexpr int kCellsPerPass = 16;
+
+// At least one block (an empty grid is a launch error; with no work its threads just exit).
+int64_t blocks_for(int64_t threads) {
+  return std::clamp<int64_t>((threads + kThreadsPerBlock - 1) / kThreadsPerBlock, 1, kMaxBlocks);
+}
+
+__device__ int64_t first_thread() { return blockIdx.x * int64_t{blockDim.x} + threadIdx.x; }
+__device__ int64_t thread_stride() { return int64_t{gridDim.x} * blockDim.x; }
+
+// Sum over the 32 lanes of a warp (all of them must call it); the result is in lane 0.
+template <typename T>
+__device__ T warp_sum(T value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
+
+// An input channel and the groups it belongs to.
+struct Channel {
+  int64_t index, group, in_group, kernel_group, deform_group;
+};
+
+// One column of the chunk: its global and chunk-local indices, the offset of its image in
+// the channels-last input and the rigid-grid input coordinate of tap (0, 0).
+struct Column {
+  int64_t global, local, image, y, x;
+};
+
+// The chunk as the kernels see it: raw pointers and the geometry, passed by value.
+template <typename scalar_t>
+struct ColumnView {
+  using acc_t = at::opmath_type<scalar_t>;
+
+  const scalar_t* input;          // (N, H, W, C_in)
+  const scalar_t* kernel_offset;  // (2*Gk*taps, N*L)
+  const scalar_t* data_offset;    // (2*Gd*taps, N*L), null: rigid data grid
+  const scalar_t* mask;           // (Gd*taps, N*L), null: no modulation
+  int64_t first, count, all_columns;
+  int64_t channels, height, width, out_h, out_w, positions;
+  int64_t scope_h, scope_w, cells;
+  int64_t kernel_h, kernel_w, taps;
+  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+  int64_t group_channels, kernel_group_channels, deform_group_channels;
+  int64_t kernel_groups, deform_groups;
+  acc_t origin_h, origin_w;  // scope coordinate of tap (0, 0) with zero offset
+
+  explicit ColumnView(const ColumnChunk& chunk) {
+    const auto& g = chunk.g;
+    input = chunk.input.data_ptr<scalar_t>();
+    kernel_offset = chunk.kernel_offset.data_ptr<scalar_t>();
+    data_offset = chunk.data_offset.defined() ? chunk.data_offset.data_ptr<scalar_t>() : nullptr;
+    mask = chunk.mask.defined() ? chunk.mask.data_ptr<scalar_t>() : nullptr;
+    first = chunk.first;
+    count = chunk.count;
+    all_columns = chunk.kernel_offset.size(1);
+    channels = g.in_channels;
+    height = g.height;
+    width = g.width;
+    out_h = g.out_h;
+    out_w = g.out_w;
+    positions = g.positions();
+    scope_h = g.scope_h;
+    scope_w = g.scope_w;
+    cells = g.scope_cells();
+    kernel_h = g.kernel_h;
+    kernel_w = g.kernel_w;
+    taps = g.taps();
+    stride_h = g.stride_h;
+    stride_w = g.stride_w;
+    pad_h = g.pad_h;
+    pad_w = g.pad_w;
+    dilation_h = g.dilation_h;
+    dilation_w = g.dilation_w;
+    group_channels = g.in_channels / g.groups;
+    kernel_group_channels = g.in_channels / g.kernel_offset_groups;
+    deform_group_channels = g.in_channels / g.deform_groups;
+    kernel_groups = g.kernel_offset_groups;
+    deform_groups = g.deform_groups;
+    origin_h = static_cast<acc_t>(g.scope_origin_h());
+    origin_w = static_cast<acc_t>(g.scope_origin_w());
+  }
+
+  __device__ Channel channel(int64_t c) const {
+    return {c, c / group_channels, c % group_channels, c / kernel_group_channels,
+            c / deform_group_channels};
+  }
+
+  __device__ Column column(int64_t local) const {
+    const int64_t global = first + local, position = global % positions;
+    return {global, local, (global / positions) * height * width * channels,
+            (position / out_w) * stride_h - pad_h, (position % out_w) * stride_w - pad_w};
+  }
+
+  // Index of (scope cell, channel) inside a row of Z.
+  __device__ int64_t z_index(const Channel& ch, int64_t cell) const {
+    return (ch.group * cells + cell) * group_channels + ch.in_group;
+  }
+
+  // Where `tap` of kernel offset group `kernel_group` samples the scope at global column `col`.
+  __device__ BilinearPoint<acc_t> scope_point(int64_t kernel_group, int64_t tap,
+                                              int64_t col) const {
+    const scalar_t* dy = kernel_offset + 2 * (kernel_group * taps + tap) * all_columns + col;
+    const acc_t y = origin_h + acc_t(tap / kernel_w) + static_cast<acc_t>(dy[0]);
+    const acc_t x = origin_w + acc_t(tap % kernel_w) + static_cast<acc_t>(dy[all_columns]);
+    return locate<acc_t>(y, x, scope_h, scope_w);
+  }
+
+  // Where `tap` of deform group `deform_group` samples the input at the column. On a rigid
+  // grid the point is a whole pixel (see for_each_data_corner).
+  __device__ BilinearPoint<acc_t> data_point(int64_t deform_group, int64_t tap,
+                                             const Column& col) const {
+    const acc_t y = acc_t(col.y + (tap / kernel_w) * dilation_h);
+    const acc_t x = acc_t(col.x + (tap % kernel_w) * dilation_w);
+    if (data_offset == nullptr) return locate<acc_t>(y, x, height, width);
+    const scalar_t* dy = data_offset + 2 * (deform_group * taps + tap) * all_columns + col.global;
+    return locate<acc_t>(y + static_cast<acc_t>(dy[0]), x + static_cast<acc_t>(dy[all_columns]),
+                         height, width);
+  }
+
+  // for_each_corner on the input plane; on a rigid grid only the pixel itself (weight 1),
+  // so its zero-weight neighbours are not read.
+  template <typename Visit>
+  __device__ void for_each_data_corner(const BilinearPoint<acc_t>& point, Visit&& visit) const {
+    if (data_offset != nullptr) {
+      for_each_corner(point, height, width, visit);
+    } else if (point.inside) {
+      visit(point.y0, point.x0, acc_t(1), acc_t(0), acc_t(0));
+    }
+  }
+
+  __device__ acc_t modulation(int64_t deform_group, int64_t tap, int64_t col) const {
+    if (mask == nullptr) return acc_t(1);
+    return static_cast<acc_t>(mask[(deform_group * taps + tap) * all_columns + col]);
+  }
+
+  // X(p) of one channel: bilinear sample of the input plane.
+  __device__ acc_t sample(const BilinearPoint<acc_t>& point, const Column& col,
+                          const Channel& ch) const {
+    acc_t value = 0;
+    for_each_data_corner(point, [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
+      value +=
+          weight * static_cast<acc_t>(input[col.image + (y * width + x) * channels + ch.index]);
+    });
+    return value;
+  }
+};
+
+// Z[col, cell, c] = sum over taps of B_cell(q) * m * X_c(p): each thread owns the S cells
+// of one (column, channel), summed kCellsPerPass cells at a time, and writes each once.
+template <typename scalar_t>
+__global__ void scope_columns_kernel(const __grid_constant__ ColumnView<scalar_t> v, scalar_t* z) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t z_row = v.cells * v.channels;
+  for (int64_t index = first_thread(); index < v.count * v.channels; index += thread_stride()) {
+    const Column col = v.column(index / v.channels);
+    const Channel ch = v.channel(index % v.channels);
+    scalar_t* z_col = z + col.local * z_row;
+    for (int64_t pass_begin = 0; pass_begin < v.cells; pass_begin += kCellsPerPass) {
+      const int64_t pass_end =
+          pass_begin + kCellsPerPass < v.cells ? pass_begin + kCellsPerPass : v.cells;
+      acc_t sums[kCellsPerPass] = {};
+      for (int64_t tap = 0; tap < v.taps; ++tap) {
+        const auto scope = v.scope_point(ch.kernel_group, tap, col.global);
+        bool sampled = false;
+        acc_t value = 0;  // m * X(p), sampled once a corner of this pass needs it
+        for_each_corner(scope, v.scope_h, v.scope_w,
+                        [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
+                          const int64_t cell = y * v.scope_w + x;
+                          if (cell < pass_begin || cell >= pass_end) return;
+                          if (!sampled) {
+                            value = v.modulation(ch.deform_group, tap, col.global) *
+                                    v.sample(v.data_point(ch.deform_group, tap, col), col, ch);
+                            sampled = true;
+                          }
+                          sums[cell - pass_begin] += weight * value;
+                        });
+      }
+      for (int64_t cell = pass_begin; cell < pass_end; ++cell) {
+        z_col[v.z_index(ch, cell)] = static_cast<scalar_t>(sums[cell - pass_begin]);
+      }
+    }
+  }
+}
+
+// d loss / d (m * X_c(p)) of one tap: G_c = sum over the scope corners of B_s(q) * gZ[s, c].
+template <typename scalar_t>
+__device__ at::opmath_type<scalar_t> scope_gather(
+    const ColumnView<scalar_t>& v, const BilinearPoint<at::opmath_type<scalar_t>>& scope,
+    const scalar_t* grad_z_col, const Channel& ch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t sum = 0;
+  for_each_corner(
+      scope, v.scope_h, v.scope_w, [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
+        sum += weight * static_cast<acc_t>(grad_z_col[v.z_index(ch, y * v.scope_w + x)]);
+      });
+  return sum;
+}
+
+// Rigid data grid: every tap reads one pixel, so each (pixel, channel) can gather its
+// gradient from the columns that read it, in a fixed order, without atomics. The threads
+// cover input pixels [pixel_begin, pixel_end) of the flattened (N, H, W) input.
+template <typename scalar_t>
+__global__ void input_grad_rigid_kernel(const __grid_constant__ ColumnView<scalar_t> v,
+                                        int64_t pixel_begin, int64_t pixel_end,
+                                        const scalar_t* grad_z,
+                                        at::opmath_type<scalar_t>* grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t z_row = v.cells * v.channels;
+  const int64_t work = (pixel_end - pixel_begin) * v.channels;
+  for (int64_t index = first_thread(); index < work; index += thread_stride()) {
+    const int64_t pixel = pixel_begin + index / v.channels;
+    const Channel ch = v.channel(index % v.channels);
+    const int64_t n = pixel / (v.height * v.width);
+    const int64_t y = (pixel / v.width) % v.height, x = pixel % v.width;
+    acc_t sum = 0;
+    for (int64_t tap = 0; tap < v.taps; ++tap) {
+      // The output location whose tap reads (y, x): y = out_y * stride - pad + i * dilation.
+      const int64_t y_steps = y + v.pad_h - (tap / v.kernel_w) * v.dilation_h;
+      const int64_t x_steps = x + v.pad_w - (tap % v.kernel_w) * v.dilation_w;
+      if (y_steps < 0 || x_steps < 0 || y_steps % v.stride_h != 0 || x_steps % v.stride_w != 0) {
+        continue;
+      }
+      const int64_t out_y = y_steps / v.stride_h, out_x = x_steps / v.stride_w;
+      if (out_y >= v.out_h || out_x >= v.out_w) continue;
+      const int64_t col = n * v.positions + out_y * v.out_w + out_x;
+      if (col < v.first || col >= v.first + v.count) continue;  // a column of another chunk
+      const auto scope = v.scope_point(ch.kernel_group, tap, col);
+      sum += v.modulation(ch.deform_group, tap, col) *
+             scope_gather(v, scope, grad_z + (col - v.first) * z_row, ch);
+    }
+    grad_input[pixel * v.channels + ch.index] += sum;
+  }
+}
+
+// With data offsets any column may read any pixel: each (column, channel) spreads
+// m * G_c over the bilinear corners of its taps with atomicAdd (order not fixed).
+template <typename scalar_t>
+__global__ void input_grad_atomic_kernel(const __grid_constant__ ColumnView<scalar_t> v,
+                                         const scalar_t* grad_z,
+                                         at::opmath_type<scalar_t>* grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t z_row = v.cells * v.channels;
+  for (int64_t index = first_thread(); index < v.count * v.channels; index += thread_stride()) {
+    const Column col = v.column(index / v.channels);
+    const Channel ch = v.channel(index % v.channels);
+    acc_t* grad_image = grad_input + col.image + ch.index;
+    for (int64_t tap = 0; tap < v.taps; ++tap) {
+      const auto scope = v.scope_point(ch.kernel_group, tap, col.global);
+      if (!scope.inside) continue;
+      const acc_t grad = v.modulation(ch.deform_group, tap, col.global) *
+                         scope_gather(v, scope, grad_z + col.local * z_row, ch);
+      v.for_each_data_corner(v.data_point(ch.deform_group, tap, col),
+                             [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
+                               atomicAdd(grad_image + (y * v.width + x) * v.channels,
+                                         weight * grad);
+                             });
+    }
+  }
+}
+
+// Kernel offset gradient of one (column, tap, kernel offset group), one warp each:
+//   d/dq = sum_c m * X_c(p) * sum_s dB_s/dq * gZ[s, c]   over the group's channels.
+template <typename scalar_t>
+__global__ void kernel_offset_grad_kernel(const __grid_constant__ ColumnView<scalar_t> v,
+                                          const scalar_t* grad_z, scalar_t* grad_kernel_offset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t z_row = v.cells * v.channels;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t items = v.count * v.taps * v.kernel_groups;
+  // Every lane of a warp has the same item, so the warp_sum calls are uniform.
+  for (int64_t item = first_thread() / kWarpSize; item < items;
+       item += thread_stride() / kWarpSize) {
+    const int64_t kernel_group = item % v.kernel_groups;
+    const int64_t tap = (item / v.kernel_groups) % v.taps;
+    const Column col = v.column(item / (v.kernel_groups * v.taps));
+    const auto scope = v.scope_point(kernel_group, tap, col.global);
+    const scalar_t* grad_z_col = grad_z + col.local * z_row;
+    acc_t grad_y = 0, grad_x = 0;
+    if (scope.inside) {
+      for (int64_t c = kernel_group * v.kernel_group_channels + lane;
+           c < (kernel_group + 1) * v.kernel_group_channels; c += kWarpSize) {
+        const Channel ch = v.channel(c);
+        const acc_t value = v.modulation(ch.deform_group, tap, col.global) *
+                            v.sample(v.data_point(ch.deform_group, tap, col), col, ch);
+        for_each_corner(
+            scope, v.scope_h, v.scope_w, [&](int64_t y, int64_t x, acc_t, acc_t d_dy, acc_t d_dx) {
+              const acc_t g = static_cast<acc_t>(grad_z_col[v.z_index(ch, y * v.scope_w + x)]);
+              grad_y += value * d_dy * g;
+              grad_x += value * d_dx * g;
+            });
+      }
+    }
+    grad_y = warp_sum(grad_y);
+    grad_x = warp_sum(grad_x);
+    if (lane == 0) {
+      scalar_t* out =
+          grad_kernel_offset + 2 * (kernel_group * v.taps + tap) * v.all_columns + col.global;
+      out[0] = static_cast<scalar_t>(grad_y);
+      out[v.all_columns] = static_cast<scalar_t>(grad_x);
+    }
+  }
+}
+
+// Data offset and mask gradients of one (column, tap, deform group), one warp each, with
+// G_c = sum_s B_s(q) * gZ[s, c] over the deform group's channels:
+//   d/dm = sum_c X_c(p) * G_c        d/dp = m * sum_c dX_c/dp * G_c
+template <typename scalar_t>
+__global__ void data_offset_and_mask_grad_kernel(const __grid_constant__ ColumnView<scalar_t> v,
+                                                 const scalar_t* grad_z, scalar_t* grad_data_offset,
+                                                 scalar_t* grad_mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t z_row = v.cells * v.channels;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t items = v.count * v.taps * v.deform_groups;
+  for (int64_t item = first_thread() / kWarpSize; item < items;
+       item += thread_stride() / kWarpSize) {
+    const int64_t deform_group = item % v.deform_groups;
+    const int64_t tap = (item / v.deform_groups) % v.taps;
+    const Column col = v.column(item / (v.deform_groups * v.taps));
+    const auto data = v.data_point(deform_group, tap, col);
+    const scalar_t* grad_z_col = grad_z + col.local * z_row;
+    acc_t grad_m = 0, grad_y = 0, grad_x = 0;
+    if (data.inside) {
+      for (int64_t c = deform_group * v.deform_group_channels + lane;
+           c < (deform_group + 1) * v.deform_group_channels; c += kWarpSize) {
+        const Channel ch = v.channel(c);
+        const acc_t g =
+            scope_gather(v, v.scope_point(ch.kernel_group, tap, col.global), grad_z_col, ch);
+        v.for_each_data_corner(
+            data, [&](int64_t y, int64_t x, acc_t weight, acc_t d_dy, acc_t d_dx) {
+              const acc_t pixel_g =
+                  g * static_cast<acc_t>(v.input[col.image + (y * v.width + x) * v.channels + c]);
+              grad_m += weight * pixel_g;
+              grad_y += d_dy * pixel_g;
+              grad_x += d_dx * pixel_g;
+            });
+      }
+    }
+    grad_m = warp_sum(grad_m);
+    grad_y = warp_sum(grad_y);
+    grad_x = warp_sum(grad_x);
+    if (lane == 0) {
+      const int64_t row = deform_group * v.taps + tap;
+      if (grad_mask != nullptr) {
+        grad_mask[row * v.all_columns + col.global] = static_cast<scalar_t>(grad_m);
+      }
+      if (grad_data_offset != nullptr) {
+        const acc_t m = v.modulation(deform_group, tap, col.global);
+        scalar_t* out = grad_data_offset + 2 * row * v.all_columns + col.global;
+        out[0] = static_cast<scalar_t>(m * grad_y);
+        out[v.all_columns] = static_cast<scalar_t>(m * grad_x);
+      }
+    }
+  }
+}
+
+// The input pixels that the chunk's columns can read on a rigid grid, as a range of the
+// flattened (N, H, W) input: from the first column's top tap row to the last column's
+// bottom tap row (a superset; the kernel skips columns outside the chunk).
+std::pair<int64_t, int64_t> rigid_pixel_range(const ColumnChunk& chunk) {
+  const auto& g = chunk.g;
+  const int64_t last = chunk.first + chunk.count - 1;
+  const int64_t first_image = chunk.first / g.positions(), last_image = last / g.positions();
+  const int64_t top = ((chunk.first % g.positions()) / g.out_w) * g.stride_h - g.pad_h;
+  const int64_t bottom =
+      ((last % g.positions()) / g.out_w) * g.stride_h - g.pad_h + (g.kernel_h - 1) * g.dilation_h;
+  const int64_t begin = (first_image * g.height + std::clamp<int64_t>(top, 0, g.height)) * g.width;
+  const int64_t end =
+      (last_image * g.height + std::clamp<int64_t>(bottom, -1, g.height - 1) + 1) * g.width;
+  return {begin, std::max(begin, end)};
+}
+
+void scatter_scope_columns(const ColumnChunk& chunk, Tensor& z) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, z.scalar_type(), "dk_ops_scatter_scope_columns_cuda", [&] {
+        const ColumnView<scalar_t> view(chunk);
+        scope_columns_kernel<scalar_t>
+            <<<blocks_for(chunk.count * chunk.g.in_channels), kThreadsPerBlock, 0, stream>>>(
+                view, z.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+void gather_input_grad(const ColumnChunk& chunk, const Tensor& grad_z, Tensor& grad_input) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool rigid = !chunk.data_offset.defined();
+  if (!rigid) at::globalContext().alertNotDeterministic("dk_ops::deform_kernel_conv2d_backward");
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad_z.scalar_type(), "dk_ops_gather_input_grad_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        TORCH_INTERNAL_ASSERT(grad_input.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                              "grad_input must be in the accumulation dtype");
+        const ColumnView<scalar_t> view(chunk);
+        if (rigid) {
+          const auto [begin, end] = rigid_pixel_range(chunk);
+          input_grad_rigid_kernel<scalar_t>
+              <<<blocks_for((end - begin) * chunk.g.in_channels), kThreadsPerBlock, 0, stream>>>(
+                  view, begin, end, grad_z.data_ptr<scalar_t>(), grad_input.data_ptr<acc_t>());
+        } else {
+          input_grad_atomic_kernel<scalar_t>
+              <<<blocks_for(chunk.count * chunk.g.in_channels), kThreadsPerBlock, 0, stream>>>(
+                  view, grad_z.data_ptr<scalar_t>(), grad_input.data_ptr<acc_t>());
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+void offset_and_mask_grads(const ColumnChunk& chunk, const Tensor& grad_z,
+                           Tensor& grad_kernel_offset, Tensor& grad_data_offset,
+                           Tensor& grad_mask) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto& g = chunk.g;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad_z.scalar_type(), "dk_ops_offset_and_mask_grads_cuda", [&] {
+        const ColumnView<scalar_t> view(chunk);
+        if (grad_kernel_offset.defined()) {
+          const int64_t warps = chunk.count * g.taps() * g.kernel_offset_groups;
+          kernel_offset_grad_kernel<scalar_t>
+              <<<blocks_for(warps * kWarpSize), kThreadsPerBlock, 0, stream>>>(
+                  view, grad_z.data_ptr<scalar_t>(), grad_kernel_offset.data_ptr<scalar_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        if (grad_data_offset.defined() || grad_mask.defined()) {
+          const int64_t warps = chunk.count * g.taps() * g.deform_groups;
+          data_offset_and_mask_grad_kernel<scalar_t>
+              <<<blocks_for(warps * kWarpSize), kThreadsPerBlock, 0, stream>>>(
+                  view, grad_z.data_ptr<scalar_t>(),
+                  grad_data_offset.defined() ? grad_data_offset.data_ptr<scalar_t>() : nullptr,
+                  grad_mask.defined() ? grad_mask.data_ptr<scalar_t>() : nullptr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+}
+
+constexpr ColumnKernels kCudaKernels{scatter_scope_columns, gather_input_grad,
+                                     offset_and_mask_grads};
+
+// The kernels run on the input's GPU (mixed devices are refused by the driver's checks).
+std::optional<c10::Device> device_of_input(const Tensor& input) {
+  return input.is_cuda() ? std::optional<c10::Device>(input.device()) : std::nullopt;
+}
+
+Tensor forward_cuda(const Tensor& input, const Tensor& weight, const Tensor& kernel_offset,
+                    const std::optional<Tensor>& data_offset, const std::optional<Tensor>& mask,
+                    const std::optional<Tensor>& bias, at::IntArrayRef kernel_size,
+                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    int64_t groups, int64_t kernel_offset_groups, int64_t deform_groups) {
+  const c10::cuda::OptionalCUDAGuard guard(device_of_input(input));
+  return deform_kernel_conv2d_forward(kCudaKernels, input, weight, kernel_offset, data_offset, mask,
+                                      bias, kernel_size, stride, padding, dilation, groups,
+                                      kernel_offset_groups, deform_groups);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
+    const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+    const Tensor& kernel_offset, const std::optional<Tensor>& data_offset,
+    const std::optional<Tensor>& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t kernel_offset_groups,
+    int64_t deform_groups, std::array<bool, 5> output_mask) {
+  const c10::cuda::OptionalCUDAGuard guard(device_of_input(input));
+  return deform_kernel_conv2d_backward(kCudaKernels, grad_output, input, weight, kernel_offset,
+                                       data_offset, mask, kernel_size, stride, padding, dilation,
+                                       groups, kernel_offset_groups, deform_groups, output_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dk_ops, CUDA, m) {
+  m.impl("deform_kernel_conv2d", &forward_cuda);
+  m.impl("deform_kernel_conv2d_backward", &backward_cuda);
+}
+
+}  // namespace dk_ops
