@@ -39,5 +39,36 @@ $(VENV)/.dk-built: $(VENV)/.stack-installed $(EXT_SOURCES)
 test: build
 	$(VPY) -m pytest -q tests
 
+# Compile check of the CUDA kernels on machines without a GPU: builds the extension with nvcc
+# for sm_80 and sm_90 against a CUDA build of torch in its own venv (the math-library headers
+# that ATen's CUDA headers include come from its nvidia wheels; /usr/local/cuda has only the
+# compiler), in build/cuda-check so the CPU build stays as it is, then loads the library and
+# checks that the CUDA kernels are registered.
+CUDA_VENV          ?= .venv-cuda
+CUDA_TORCH_VERSION := 2.14.1
+CUDA_HOME          ?= /usr/local/cuda
+CUDA_ARCHS         := 8.0;9.0
+CUDA_CHECK_DIR     := build/cuda-check
+
+$(CUDA_VENV)/.stack-installed:
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install "torch==$(CUDA_TORCH_VERSION)" ninja numpy wheel
+	touch $@
+
+cuda-check: $(CUDA_VENV)/.stack-installed
+	CUDA_HOME=$(CUDA_HOME) PATH="$(CUDA_HOME)/bin:$$PATH" \
+	CPATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')" \
+	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 \
+	$(CUDA_VENV)/bin/python setup.py build_ext --build-temp $(CUDA_CHECK_DIR)/temp \
+		--build-lib $(CUDA_CHECK_DIR)/lib
+	$(CUDA_VENV)/bin/python -c 'import glob, torch; \
+	torch.ops.load_library(glob.glob("$(CUDA_CHECK_DIR)/lib/dk_ops/_C*.so")[0]); \
+	has = torch._C._dispatch_has_kernel_for_dispatch_key; \
+	missing = [(op, key) for op, keys in (("deform_kernel_conv2d", ("CPU", "CUDA", "AutocastCUDA")), \
+	                                      ("deform_kernel_conv2d_backward", ("CPU", "CUDA"))) \
+	           for key in keys if not has("dk_ops::" + op, key)]; \
+	assert not missing, f"kernels not registered: {missing}"; \
+	print("cuda-check: dk_ops CUDA kernels built for sm_80, sm_90 and registered")'
+
 clean:
 	rm -rf build dk_ops/_C*.so *.egg-info $(VENV)/.dk-built
