@@ -1,0 +1,316 @@
+"""The CUDA kernels of ``dk_ops.deform_kernel_conv2d``: parity with the CPU op (which the
+other op tests hold to the float64 reference) in float64, gradcheck, half and bfloat16
+against float32, opcheck, ``torch.compile``, autocast and deterministic mode.
+
+Every test needs a CUDA GPU; without one the module is skipped, saying so."""
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+import dk_ops
+from dk_reference import PROBLEMS, Problem, non_contiguous, output_and_gradients
+from test_op_backward import backward_op_args, forward_op_args, off_the_kinks
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason='no CUDA GPU on this machine: the CUDA kernels are only compiled here (make cuda-check)')
+
+CUDA = torch.device('cuda')
+TENSOR_ARGUMENTS = ('input', 'weight', 'kernel_offset', 'data_offset', 'mask', 'bias')
+
+# Shapes for the CUDA work split that the CPU matrix (4 channels) does not reach: offset
+# groups of more channels than a warp has lanes (and not a multiple of 32), kernel and
+# deform group blocks that cut each other, scopes of more than 16 cells (two passes of the
+# scope-column kernel), and padded strided grids where some taps read no pixel.
+CUDA_PROBLEMS = [
+    Problem('wide_k3_scope4', batch=3, in_channels=72, out_channels=40, input_size=(13, 11)),
+    Problem('wide_scope5_groups2_kgroups2_dgroups3_dcn_mask', in_channels=66, out_channels=8,
+            scope_size=(5, 5), input_size=(10, 9), groups=2, kernel_offset_groups=2,
+            deform_groups=3, data_offset=True, mask=True),
+    Problem('wide_kgroups3_dgroups2_dcn', in_channels=36, out_channels=12, kernel_offset_groups=3,
+            deform_groups=2, data_offset=True),
+    Problem('wide_k3x2_scope6x5_stride2_dil2_mask', in_channels=48, out_channels=16,
+            kernel_size=(3, 2), scope_size=(6, 5), input_size=(12, 9), stride=(2, 2),
+            padding=(2, 1), dilation=(2, 2), mask=True),
+    Problem('wide_k1_scope3_pad2_stride3', in_channels=40, out_channels=24, kernel_size=(1, 1),
+            scope_size=(3, 3), input_size=(11, 10), stride=(3, 3), padding=(2, 2)),
+    Problem('wide_global_dcn_mask', in_channels=40, out_channels=24, global_offset=True,
+            data_offset=True, mask=True),
+]
+
+
+def by_name(problems):
+    return pytest.mark.parametrize('problem', problems, ids=lambda problem: problem.name)
+
+
+def problems_named(*names):
+    found = [problem for problem in PROBLEMS + CUDA_PROBLEMS if problem.name in names]
+    assert len(found) == len(names)
+    return found
+
+
+def to_cuda(name, tensor):
+    return tensor.to(CUDA)
+
+
+def cuda_inputs(problem, dtype=torch.float32):
+    return {name: None if t is None else t.to(CUDA)
+            for name, t in problem.make_inputs(dtype).items()}
+
+
+def assert_gradients_close(actual, expected, **tolerance):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert actual[name] is not None, f'no gradient for {name}'
+        torch.testing.assert_close(actual[name].double().cpu(), expected[name].double().cpu(),
+                                   **tolerance, msg=lambda message, name=name: f'{name}: {message}')
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(warn_only=False):
+    # cuBLAS GEMMs refuse deterministic mode unless their workspace is pinned down.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
+# ----------------------------------------------------------------------------- parity with CPU
+# The same float64 math summed in another order.
+FLOAT64_PARITY = dict(rtol=1e-9, atol=1e-9)
+
+
+@by_name(PROBLEMS + CUDA_PROBLEMS)
+def test_float64_matches_cpu(problem):
+    tensors = problem.make_inputs()
+    output, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
+                                             view=to_cuda)
+    expected_output, expected = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors)
+    assert output.device.type == 'cuda'
+    torch.testing.assert_close(output.cpu(), expected_output, **FLOAT64_PARITY)
+    assert_gradients_close(gradients, expected, **FLOAT64_PARITY)
+
+
+@by_name(problems_named('wide_k3_scope4', 'wide_scope5_groups2_kgroups2_dgroups3_dcn_mask',
+                        'wide_k3x2_scope6x5_stride2_dil2_mask', 'wide_global_dcn_mask'))
+@pytest.mark.parametrize('columns_per_chunk', [1, 7])
+def test_chunked_float64_matches_cpu(problem, columns_per_chunk, monkeypatch):
+    # Chunks that end inside image rows: the rigid-grid input gradient then gathers each
+    # pixel from several chunks.
+    tensors = problem.make_inputs()
+    _, expected = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors)
+    column_bytes = problem.in_channels * problem.scope_size[0] * problem.scope_size[1] * 8
+    monkeypatch.setenv('DK_OPS_MAX_COLUMN_BYTES', str(columns_per_chunk * column_bytes))
+    _, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
+                                        view=to_cuda)
+    assert_gradients_close(gradients, expected, **FLOAT64_PARITY)
+
+
+@by_name(problems_named('k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2',
+                        'global_data_offset_mask_dgroups2'))
+def test_non_contiguous_cuda_inputs(problem):
+    tensors = problem.make_inputs()
+
+    def scrambled_on_cuda(name, tensor):
+        return non_contiguous(name, tensor.to(CUDA))
+
+    output, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
+                                             view=scrambled_on_cuda)
+    expected_output, expected = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors)
+    torch.testing.assert_close(output.cpu(), expected_output, **FLOAT64_PARITY)
+    assert_gradients_close(gradients, expected, **FLOAT64_PARITY)
+
+
+@by_name(problems_named('data_offset_mask_dgroups2_groups2', 'global_data_offset_mask_dgroups2'))
+def test_empty_batch_on_cuda(problem):
+    problem = dataclasses.replace(problem, batch=0)
+    output, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d,
+                                             problem.make_inputs(), view=to_cuda)
+    assert output.shape == (0, problem.out_channels, *problem.output_size)
+    assert all(gradient is not None and not gradient.any() for gradient in gradients.values())
+
+
+def test_mixed_devices_are_refused():
+    problem = problems_named('k3_scope4_local')[0]
+    tensors = cuda_inputs(problem)
+    tensors['weight'] = tensors['weight'].cpu()
+    with pytest.raises(ValueError, match='weight is on cpu but input is on cuda'):
+        problem.call(dk_ops.deform_kernel_conv2d, tensors)
+
+
+# ----------------------------------------------------------------------------- gradcheck
+@by_name(problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'depthwise', 'mask_only',
+                        'data_offset_mask_dgroups2_groups2', 'global_scope5_groups2_kgroups2',
+                        'global_data_offset_mask_dgroups2'))
+def test_gradcheck_on_cuda(problem):
+    tensors = cuda_inputs(problem, torch.float64)
+    names = [name for name in TENSOR_ARGUMENTS if tensors[name] is not None]
+
+    def op(*values):
+        return problem.call(dk_ops.deform_kernel_conv2d, dict(tensors, **dict(zip(names, values))))
+
+    leaves = [tensors[name].requires_grad_() for name in names]
+    assert torch.autograd.gradcheck(op, leaves, fast_mode=True)
+
+
+# ----------------------------------------------------------------------------- half, bfloat16
+# Each sum runs in float32; what separates the result from float32 on the same rounded inputs
+# is the rounding of the scope columns, their gradient and the GEMM outputs to the dtype
+# (unit roundoff 2**-11 for float16, 2**-8 for bfloat16), relative to the largest value.
+REDUCED_PRECISION_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+@by_name(problems_named('k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2',
+                        'global_data_offset_mask_dgroups2', 'wide_k3_scope4',
+                        'wide_scope5_groups2_kgroups2_dgroups3_dcn_mask'))
+def test_reduced_precision_close_to_float32(problem, dtype):
+    tensors = cuda_inputs(problem, dtype)
+    for name in ('kernel_offset', 'data_offset'):  # rounding may put points on the kinks
+        if tensors[name] is not None:
+            tensors[name] = off_the_kinks(tensors[name])
+    output, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
+                                             view=to_cuda)
+    as_float32 = {name: None if t is None else t.float() for name, t in tensors.items()}
+
+    def rounded_grad_output(name, tensor):  # float32 sees the same rounded grad_output too
+        return to_cuda(name, tensor.to(dtype).float() if name == 'grad_output' else tensor)
+
+    expected_output, expected = output_and_gradients(problem, dk_ops.deform_kernel_conv2d,
+                                                     as_float32, view=rounded_grad_output)
+    assert output.dtype == dtype and all(g.dtype == dtype for g in gradients.values())
+    tolerance = REDUCED_PRECISION_TOLERANCE[dtype]
+    for name, actual, wanted in [('output', output, expected_output)] + [
+            (name, gradients[name], expected[name]) for name in expected]:
+        scale = wanted.abs().max().item()
+        torch.testing.assert_close(actual.float(), wanted, rtol=tolerance, atol=tolerance * scale,
+                                   msg=lambda message, name=name: f'{name}: {message}')
+
+
+# ----------------------------------------------------------------------------- registration
+@pytest.mark.parametrize('requires_grad', [False, True], ids=['no_grad', 'requires_grad'])
+@by_name(problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'global',
+                        'data_offset_mask_dgroups2_groups2'))
+def test_opcheck_forward_on_cuda(problem, requires_grad):
+    tensors = cuda_inputs(problem)
+    for tensor in tensors.values():
+        if tensor is not None:
+            tensor.requires_grad_(requires_grad)
+    torch.library.opcheck(torch.ops.dk_ops.deform_kernel_conv2d.default,
+                          forward_op_args(problem, tensors))
+
+
+@pytest.mark.parametrize('output_mask', [[True] * 5, [False, True, False, True, False]], ids=str)
+@by_name(problems_named('global', 'data_offset_mask_dgroups2_groups2'))
+def test_opcheck_backward_on_cuda(problem, output_mask):
+    tensors = cuda_inputs(problem)
+    grad_output = torch.randn(problem.batch, problem.out_channels, *problem.output_size,
+                              device=CUDA)
+    torch.library.opcheck(torch.ops.dk_ops.deform_kernel_conv2d_backward.default,
+                          backward_op_args(problem, tensors, grad_output, output_mask))
+
+
+def deform_kernel_then_sigmoid(*args, **kwargs):
+    return dk_ops.deform_kernel_conv2d(*args, **kwargs).sigmoid()
+
+
+@by_name(problems_named('data_offset_mask_dgroups2_groups2', 'global_data_offset_mask_dgroups2'))
+def test_torch_compile_fullgraph_on_cuda(problem):
+    tensors = cuda_inputs(problem)
+    compiled = torch.compile(deform_kernel_then_sigmoid, fullgraph=True)
+    output, gradients = output_and_gradients(problem, compiled, tensors, view=to_cuda)
+    expected_output, expected = output_and_gradients(problem, deform_kernel_then_sigmoid, tensors,
+                                                     view=to_cuda)
+    torch.testing.assert_close(output, expected_output)
+    # float32, and the data offsets' input gradient adds with atomics in no fixed order.
+    assert_gradients_close(gradients, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- autocast
+@pytest.mark.parametrize('autocast_dtype', [torch.float16, torch.bfloat16], ids=str)
+@by_name(problems_named('k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2'))
+def test_autocast_runs_in_the_autocast_dtype(problem, autocast_dtype):
+    # Like conv2d: float32 tensors are cast to the autocast dtype and the op runs in it; the
+    # float32 leaves get float32 gradients, those of the op cast up.
+    tensors = cuda_inputs(problem, torch.float32)
+    leaves = {name: t.requires_grad_() for name, t in tensors.items() if t is not None}
+    with torch.autocast('cuda', dtype=autocast_dtype):
+        output = problem.call(dk_ops.deform_kernel_conv2d, tensors)
+    grad_output = torch.randn_like(output)
+    output.backward(grad_output)
+
+    cast = {name: None if t is None else t.detach().to(autocast_dtype).requires_grad_()
+            for name, t in tensors.items()}
+    expected_output = problem.call(dk_ops.deform_kernel_conv2d, cast)
+    expected_output.backward(grad_output)
+    assert output.dtype == autocast_dtype
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    for name, leaf in leaves.items():
+        assert leaf.grad.dtype == torch.float32, name
+        # Equal up to the order of the atomic adds of the data offsets' input gradient.
+        torch.testing.assert_close(leaf.grad, cast[name].grad.float(), rtol=1e-3,
+                                   atol=1e-3 * cast[name].grad.abs().max().item(),
+                                   msg=lambda message, name=name: f'{name}: {message}')
+
+
+def test_autocast_unifies_float32_input_with_half_offsets():
+    # In an --amp model the offsets come from a conv (float16) while the input may be float32.
+    problem = problems_named('data_offset_mask_dgroups2_groups2')[0]
+    tensors = cuda_inputs(problem, torch.float32)
+    for name in ('kernel_offset', 'data_offset', 'mask'):
+        tensors[name] = tensors[name].half()
+    with pytest.raises(TypeError, match='kernel_offset has dtype'):
+        problem.call(dk_ops.deform_kernel_conv2d, tensors)
+    with torch.autocast('cuda', dtype=torch.float16):
+        output = problem.call(dk_ops.deform_kernel_conv2d, tensors)
+    half = {name: None if t is None else t.half() for name, t in tensors.items()}
+    torch.testing.assert_close(output, problem.call(dk_ops.deform_kernel_conv2d, half),
+                               rtol=0, atol=0)
+
+
+def test_autocast_leaves_float64_alone():
+    problem = problems_named('data_offset_mask_dgroups2_groups2')[0]
+    tensors = cuda_inputs(problem, torch.float64)
+    with torch.autocast('cuda', dtype=torch.float16):
+        output = problem.call(dk_ops.deform_kernel_conv2d, tensors)
+    assert output.dtype == torch.float64
+    torch.testing.assert_close(output, problem.call(dk_ops.deform_kernel_conv2d, tensors),
+                               rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- determinism
+@by_name(problems_named('k3_scope4_local', 'mask_only', 'wide_k3x2_scope6x5_stride2_dil2_mask'))
+def test_rigid_grid_is_deterministic(problem):
+    # Without data offsets every kernel has one writer per value, so deterministic mode
+    # allows the op and two runs agree bit for bit.
+    tensors = cuda_inputs(problem, torch.float32)
+    with deterministic_algorithms():
+        first_output, first = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
+                                                   view=to_cuda)
+        second_output, second = output_and_gradients(problem, dk_ops.deform_kernel_conv2d,
+                                                     tensors, view=to_cuda)
+    assert torch.equal(first_output, second_output)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_data_offset_input_gradient_is_not_deterministic():
+    # With data offsets the input gradient adds with atomics: deterministic mode refuses
+    # the backward (or warns with warn_only), as PyTorch's own ops do.
+    problem = problems_named('data_offset_mask_dgroups2_groups2')[0]
+    tensors = cuda_inputs(problem, torch.float32)
+    message = 'dk_ops::deform_kernel_conv2d_backward does not have a deterministic implementation'
+    with deterministic_algorithms():
+        with pytest.raises(RuntimeError, match=message):
+            output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors, view=to_cuda)
+        # Gradients of everything but the input need no atomics.
+        wrt = [name for name in TENSOR_ARGUMENTS if tensors[name] is not None and name != 'input']
+        output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors, view=to_cuda, wrt=wrt)
+    with deterministic_algorithms(warn_only=True):
+        with pytest.warns(UserWarning, match=message):
+            output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors, view=to_cuda)
