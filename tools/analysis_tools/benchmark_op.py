@@ -6,6 +6,7 @@ F.conv2d. The cases of a shape are timed in interleaved rounds, so load from oth
 processes on a shared machine hits them alike and the ratios stay fair:
 
     python tools/analysis_tools/benchmark_op.py [--batch 2] [--repeats 5] [--device cpu]
+    python tools/analysis_tools/benchmark_op.py --device cuda --dtype float16 --batch 8
 """
 import argparse
 import statistics
@@ -72,11 +73,13 @@ def cases(channels, size, batch, device, dtype):
     yield 'DK global, scope 4', dk(4, leaf(0.3 * torch.randn(batch, 18, **make)))
     yield 'DK+DCN, scope 4', dk(4, offsets(0.3), data_offset=offsets(1.0))
     try:
-        from mmcv.ops import deform_conv2d
+        from mmcv.ops import deform_conv2d, get_compiling_cuda_version
     except ImportError:
         return
     if device.type == 'cpu' and dtype != torch.float32:
         return
+    if device.type == 'cuda' and get_compiling_cuda_version() == 'not available':
+        return  # this mmcv was built without its CUDA ops
     yield 'mmcv DCN', forward_backward(
         lambda x, w, off: deform_conv2d(x, off, w, 1, 1, 1, 1, 1, False, batch), x, rigid,
         offsets(1.0))
@@ -90,7 +93,9 @@ def main():
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    print(f'device={device} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()}'
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else (
+        f'threads={torch.get_num_threads()}')
+    print(f'device={device} ({where}) dtype={args.dtype} batch={args.batch}'
           f' torch={torch.__version__}')
     print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d |')
     print('|---|---|---|---|')
