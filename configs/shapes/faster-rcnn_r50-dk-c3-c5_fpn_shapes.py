@@ -1,4 +1,5 @@
-# The quickstart Faster R-CNN with local Deformable Kernels in stages c3-c5, as in
+# The quickstart Faster R-CNN with local Deformable Kernels (3x3 kernels resampled from 4x4 scopes,
+# offsets per location) in the 3x3 conv2 of stages c3-c5, as in
 # configs/dk/faster-rcnn_r50-dk-c3-c5_fpn_1x_coco.py.
 _base_ = './faster-rcnn_r50_fpn_shapes.py'
 model = dict(

@@ -1,0 +1,10 @@
+# The quickstart Faster R-CNN with global Deformable Kernels (3x3 kernels resampled from 4x4 scopes,
+# offsets per image) in the 3x3 conv2 of stages c3-c5, as in
+# configs/dk/faster-rcnn_r50-dk-global-c3-c5_fpn_1x_coco.py.
+_base_ = './faster-rcnn_r50_fpn_shapes.py'
+model = dict(
+    backbone=dict(
+        dcn=dict(
+            type='DKGlobal', scope_size=4, kernel_offset_groups=1,
+            fallback_on_stride=False),
+        stage_with_dcn=(False, True, True, True)))
