@@ -134,7 +134,7 @@ def test_import_has_no_side_effect_beyond_registration():
         'import dk_mmdet\n'
         'from mmengine.registry import MODELS, DefaultScope\n'
         'assert all(name in MODELS.module_dict for name in ("DK", "DKGlobal", "DKDCN", '
-        '"DKDCNv2"))\n'
+        '"DKDCNv2", "CondConv"))\n'
         'assert "mmdet" not in sys.modules, "dk_mmdet imports mmdet"\n'
         'assert not torch.distributed.is_initialized()\n'
         'assert list(torch.serialization.get_safe_globals()) == before\n'
