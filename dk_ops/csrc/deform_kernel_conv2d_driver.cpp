@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "deform_kernel_conv2d.h"
 
@@ -110,28 +111,61 @@ GlobalSampling global_sampling(const DeformKernelGeometry& g, const Tensor& kern
   return a;
 }
 
-// Kernel offset group of every input channel, as (C_in,) indices.
-Tensor kernel_group_of_channel(const DeformKernelGeometry& g, const at::TensorOptions& options) {
-  return at::div(at::arange(g.in_channels, options.dtype(at::kLong)),
-                 g.in_channels / g.kernel_offset_groups, "floor");
+// Scope channels that share one conv group and one kernel offset group, and so one sampling
+// matrix: output channels [out_begin, +out_size) x channels [in_begin, +in_size) of weight
+// dim 1. With groups = kernel_offset_groups = 1 it is the whole scope.
+struct ScopeBlock {
+  int64_t out_begin, out_size, in_begin, in_size, kernel_group;
+};
+
+std::vector<ScopeBlock> scope_blocks(const DeformKernelGeometry& g) {
+  const int64_t per_group = g.in_channels / g.groups, out_per_group = g.out_channels / g.groups;
+  const int64_t per_kernel_group = g.in_channels / g.kernel_offset_groups;
+  std::vector<ScopeBlock> blocks;
+  for (int64_t group = 0; group < g.groups; ++group) {
+    for (int64_t c = group * per_group; c < (group + 1) * per_group;) {
+      const int64_t kernel_group = c / per_kernel_group;
+      const int64_t next = std::min((group + 1) * per_group, (kernel_group + 1) * per_kernel_group);
+      blocks.push_back({group * out_per_group, out_per_group, c - group * per_group, next - c,
+                        kernel_group});
+      c = next;
+    }
+  }
+  return blocks;
 }
 
-// The sampling matrix of each input channel, (N, groups, C_in/groups, taps, S).
-Tensor per_channel(const DeformKernelGeometry& g, const Tensor& sampling) {
-  return sampling.index_select(1, kernel_group_of_channel(g, sampling.options()))
-      .view({g.batch, g.groups, g.in_channels / g.groups, g.taps(), g.scope_cells()});
+// (C_out, C_in/groups, X) tensor -> the block's (out_size * in_size, X) rows; a view when
+// the block is whole output-channel rows.
+Tensor block_rows(const Tensor& t, const ScopeBlock& block) {
+  return t.narrow(0, block.out_begin, block.out_size)
+      .narrow(1, block.in_begin, block.in_size)
+      .reshape({block.out_size * block.in_size, t.size(2)});
 }
 
-Tensor scope_by_group(const DeformKernelGeometry& g, const Tensor& weight) {
-  return weight.reshape({g.groups, g.out_channels / g.groups, g.in_channels / g.groups,
-                         g.scope_cells()});
-}
-
-// One kernel per image: (N * C_out, C_in/groups, K_h, K_w) filters for the batched conv.
+// One kernel per image: (N * C_out, C_in/groups, K_h, K_w) filters for the batched conv. For
+// image n and each block: kernels = scope rows (OC, S) @ A_n^T (S, taps), GEMMs per image so
+// that no large operand is permuted.
 Tensor global_filters(const DeformKernelGeometry& g, const Tensor& weight,
                       const GlobalSampling& sampling) {
-  return at::einsum("ngcts,gocs->ngoct", {per_channel(g, sampling.weight), scope_by_group(g, weight)})
-      .reshape({g.batch * g.out_channels, g.in_channels / g.groups, g.kernel_h, g.kernel_w});
+  const auto scope = weight.reshape({g.out_channels, g.in_channels / g.groups, g.scope_cells()});
+  auto filters = at::empty({g.batch, g.out_channels, g.in_channels / g.groups, g.taps()},
+                           weight.options());
+  for (const auto& block : scope_blocks(g)) {
+    const auto rows = block_rows(scope, block);
+    for (int64_t n = 0; n < g.batch; ++n) {
+      const auto a_t = sampling.weight[n][block.kernel_group].t();  // (S, taps)
+      auto out = filters[n].narrow(0, block.out_begin, block.out_size)
+                     .narrow(1, block.in_begin, block.in_size);
+      if (out.is_contiguous()) {
+        auto out_rows = out.view({-1, g.taps()});
+        at::mm_out(out_rows, rows, a_t);
+      } else {
+        out.copy_(at::mm(rows, a_t).view(out.sizes()));
+      }
+    }
+  }
+  return filters.view({g.batch * g.out_channels, g.in_channels / g.groups, g.kernel_h,
+                       g.kernel_w});
 }
 
 // The batch as one image of N * C channels.
@@ -162,19 +196,29 @@ std::array<Tensor, 3> global_backward(const DeformKernelGeometry& g, const Tenso
   std::array<Tensor, 3> grads;
   if (needed[0]) grads[0] = grad_batch_input.view_as(input);
   if (!need_filters) return grads;
+  // Per block and image: grad scope rows += gK_n @ A_n, grad A_n += gK_n^T @ scope rows.
   const auto grad_kernels = grad_filters.reshape(
-      {g.batch, g.groups, g.out_channels / g.groups, g.in_channels / g.groups, g.taps()});
-  if (needed[1]) {
-    grads[1] = at::einsum("ngoct,ngcts->gocs", {grad_kernels, per_channel(g, sampling.weight)})
-                   .reshape(weight.sizes());
+      {g.batch, g.out_channels, g.in_channels / g.groups, g.taps()});
+  const auto scope = weight.reshape({g.out_channels, g.in_channels / g.groups, g.scope_cells()});
+  Tensor grad_scope = needed[1] ? at::zeros_like(scope) : Tensor();
+  Tensor grad_sampling = needed[2] ? at::zeros_like(sampling.weight) : Tensor();
+  for (const auto& block : scope_blocks(g)) {
+    const auto rows = block_rows(scope, block);
+    Tensor grad_rows_sum = needed[1] ? at::zeros_like(rows) : Tensor();
+    for (int64_t n = 0; n < g.batch; ++n) {
+      const auto grad_rows = block_rows(grad_kernels[n], block);  // (OC, taps)
+      const auto a = sampling.weight[n][block.kernel_group];       // (taps, S)
+      if (needed[1]) grad_rows_sum.addmm_(grad_rows, a);
+      if (needed[2]) grad_sampling[n][block.kernel_group].addmm_(grad_rows.t(), rows);
+    }
+    if (needed[1]) {
+      grad_scope.narrow(0, block.out_begin, block.out_size)
+          .narrow(1, block.in_begin, block.in_size)
+          .add_(grad_rows_sum.view({block.out_size, block.in_size, g.scope_cells()}));
+    }
   }
+  if (needed[1]) grads[1] = grad_scope.view(weight.sizes());
   if (needed[2]) {
-    const auto grad_per_channel =
-        at::einsum("ngoct,gocs->ngcts", {grad_kernels, scope_by_group(g, weight)})
-            .reshape({g.batch, g.in_channels, g.taps(), g.scope_cells()});
-    const auto grad_sampling = at::zeros_like(sampling.weight)
-                                   .index_add_(1, kernel_group_of_channel(g, weight.options()),
-                                               grad_per_channel);
     grads[2] = at::stack({(grad_sampling * sampling.d_dy).sum(-1),
                           (grad_sampling * sampling.d_dx).sum(-1)},
                          -1)
