@@ -256,6 +256,42 @@ def _mean(values: np.ndarray) -> Optional[float]:
     return float(np.mean(values)) if len(values) else None
 
 
+def analyse_image(name: str, model, image_input: ImageInput, image, args) -> Tuple[list, list]:
+    """One model on one image: saves the ERF arrays; returns the CSV rows and figure cells."""
+    pixels, sample, boxes = image_input(image)
+    with torch.no_grad():
+        probe = run_to_layer(model, args.layer, pixels, sample)
+    feature_size, padded = tuple(probe.output.shape[-2:]), probe.padded_input_size
+    if args.channel is not None and not 0 <= args.channel < probe.output.shape[1]:
+        raise ValueError(f'--channel {args.channel} is not a channel of {args.layer}, which '
+                         f'has {probe.output.shape[1]}')
+    units = [unit_index(box_centre(box), feature_size, padded) for box in boxes]
+    erfs = erf_maps(lambda p: run_to_layer(model, args.layer, p, sample).output, pixels, units,
+                    args.channel).numpy()
+    erfs = np.stack([normalise(erf) for erf in erfs]).astype(np.float32)
+    stem = osp.splitext(osp.basename(image.path))[0]
+    array_path = osp.join(args.out, 'arrays', name, f'{stem}.npy')
+    os.makedirs(osp.dirname(array_path), exist_ok=True)
+    np.save(array_path, erfs)
+
+    stride_y, stride_x = (p / f for p, f in zip(padded, feature_size))
+    rgb = to_display_rgb(pixels).numpy()
+    rows, cells = [], []
+    for index, (obj, box, (row, col), erf) in enumerate(zip(image.objects, boxes, units, erfs)):
+        box_size = float(np.sqrt((box[2] - box[0]) * (box[3] - box[1])))
+        radius = erf_radius(erf, args.mass)
+        rows.append(dict(
+            model=name, image=osp.basename(image.path), ann_id=obj.ann_id,
+            category=obj.category, area=obj.area, size_range=size_range(obj.area),
+            box_x1=box[0], box_y1=box[1], box_x2=box[2], box_y2=box[3], unit_row=row,
+            unit_col=col, box_size=box_size, erf_radius=radius,
+            radius_over_size=radius / box_size, mass_in_box=mass_in_box(erf, box),
+            array=osp.relpath(array_path, args.out), array_index=index))
+        cell = (col * stride_x, row * stride_y, (col + 1) * stride_x, (row + 1) * stride_y)
+        cells.append((rgb, erf, box, cell))
+    return rows, cells
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     models = [load_detector(config, checkpoint, args.cfg_options)
@@ -268,43 +304,11 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for image in images:
-        stem = osp.splitext(osp.basename(image.path))[0]
         cells = {}
         for name, model, image_input in zip(args.names, models, inputs):
-            pixels, sample, boxes = image_input(image)
-            with torch.no_grad():
-                probe = run_to_layer(model, args.layer, pixels, sample)
-            feature_size, padded = tuple(probe.output.shape[-2:]), probe.padded_input_size
-            if args.channel is not None and not 0 <= args.channel < probe.output.shape[1]:
-                raise ValueError(f'--channel {args.channel} is not a channel of {args.layer}, '
-                                 f'which has {probe.output.shape[1]}')
-            units = [unit_index(box_centre(box), feature_size, padded) for box in boxes]
-
-            def feature_fn(p, model=model, sample=sample):
-                return run_to_layer(model, args.layer, p, sample).output
-
-            erfs = erf_maps(feature_fn, pixels, units, args.channel).numpy()
-            erfs = np.stack([normalise(erf) for erf in erfs]).astype(np.float32)
-            array_path = osp.join(args.out, 'arrays', name, f'{stem}.npy')
-            os.makedirs(osp.dirname(array_path), exist_ok=True)
-            np.save(array_path, erfs)
-            stride = [p / f for p, f in zip(padded, feature_size)]
-            rgb = to_display_rgb(pixels).numpy()
-            cells[name] = []
-            for index, (obj, box, (row, col), erf) in enumerate(
-                    zip(image.objects, boxes, units, erfs)):
-                box_size = float(np.sqrt((box[2] - box[0]) * (box[3] - box[1])))
-                radius = erf_radius(erf, args.mass)
-                rows.append(dict(
-                    model=name, image=osp.basename(image.path), ann_id=obj.ann_id,
-                    category=obj.category, area=obj.area, size_range=size_range(obj.area),
-                    box_x1=box[0], box_y1=box[1], box_x2=box[2], box_y2=box[3],
-                    unit_row=row, unit_col=col, box_size=box_size, erf_radius=radius,
-                    radius_over_size=radius / box_size, mass_in_box=mass_in_box(erf, box),
-                    array=osp.relpath(array_path, args.out), array_index=index))
-                cell = (col * stride[1], row * stride[0], (col + 1) * stride[1],
-                        (row + 1) * stride[0])
-                cells[name].append((rgb, erf, box, cell))
+            image_rows, cells[name] = analyse_image(name, model, image_input, image, args)
+            rows += image_rows
+        stem = osp.splitext(osp.basename(image.path))[0]
         draw_image_figure(osp.join(args.out, f'{stem}.png'), osp.basename(image.path),
                           image.objects, args.names, cells, args.display_gamma)
     with open(osp.join(args.out, 'erf_objects.csv'), 'w', newline='') as f:
