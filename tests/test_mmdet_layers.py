@@ -1,4 +1,5 @@
 """dk_mmdet's conv layers: registry, mmcv signature, option errors, rigid-weight loading."""
+import contextlib
 import subprocess
 import sys
 
@@ -23,10 +24,30 @@ def build(layer_type, *args, **kwargs):
     return build_conv_layer(dict(type=layer_type, **kwargs.pop('options', {})), *args, **kwargs)
 
 
+@contextlib.contextmanager
+def default_scope(scope):
+    """``scope`` as mmengine's default scope; None means no default scope at all.
+
+    ``DefaultScope.overwrite_default_scope(None)`` keeps whatever scope earlier code (a
+    Runner in another test) left current, so "no scope" empties the instance registry
+    for the duration instead.
+    """
+    if scope is not None:
+        with DefaultScope.overwrite_default_scope(scope):
+            yield
+        return
+    saved = dict(DefaultScope._instance_dict)
+    DefaultScope._instance_dict.clear()
+    try:
+        yield
+    finally:
+        DefaultScope._instance_dict.update(saved)
+
+
 @pytest.mark.parametrize('layer_type', LAYER_TYPES)
 @pytest.mark.parametrize('scope', [None, 'mmdet'])
 def test_build_conv_layer_finds_each_type(layer_type, scope):
-    with DefaultScope.overwrite_default_scope(scope):
+    with default_scope(scope):
         if scope is None:
             assert DefaultScope.get_current_instance() is None
         layer = build(layer_type, 8, 16, 3, stride=2, padding=1)
