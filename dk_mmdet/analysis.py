@@ -8,15 +8,18 @@
   pipeline may resize and pad, nothing else).
 - :func:`run_to_layer`: the model's data preprocessor and ``extract_feat`` on those pixels,
   returning what one named module received and returned.
-- :func:`unit_index`: the feature-map cell that holds a point of the input.
+- :func:`unit_index`: the feature-map unit nearest to a point of the input.
 
 Coordinates: the test pipeline resizes the image (and the data preprocessor pads it); the
 boxes, scaled by the pipeline's ``scale_factor``, and everything the tools compute live in the
-resized, unpadded image ("input pixels"). A feature map of stride s covers input pixels
-[i*s, (i+1)*s) with its cell i, s being the padded input size over the feature map size.
+resized, unpadded image ("input pixels"). Unit i of a feature map of stride s (the padded
+input size over the map size) sits at input coordinate i*s: mmdet's anchors are centred there,
+and so is the receptive field of a ResNet unit (every stride-2 conv centres output i on input
+2i).
 """
 import copy
 import json
+import math
 import os
 import os.path as osp
 from dataclasses import dataclass, field
@@ -171,11 +174,11 @@ def run_to_layer(model: nn.Module, layer_name: str, pixels: Tensor, sample) -> L
 
 def unit_index(point_xy: Tuple[float, float], feature_size: Tuple[int, int],
                padded_input_size: Tuple[int, int]) -> Tuple[int, int]:
-    """(row, column) of the feature-map cell holding the input point (x, y)."""
+    """(row, column) of the unit nearest to the input point (x, y): unit i sits at i*stride."""
     index = []
-    for coordinate, cells, pixels in zip(point_xy[::-1], feature_size, padded_input_size):
-        stride = pixels / cells
-        index.append(min(max(int(coordinate // stride), 0), cells - 1))
+    for coordinate, units, pixels in zip(point_xy[::-1], feature_size, padded_input_size):
+        stride = pixels / units
+        index.append(min(max(math.floor(coordinate / stride + 0.5), 0), units - 1))
     return tuple(index)
 
 

@@ -156,9 +156,10 @@ def test_log_log_fit_recovers_a_power_law():
     assert erf.fit_log_log(size, np.array([1.0, np.nan, 0.0, 2.0]))['slope'] is None
 
 
-def test_unit_index_is_the_cell_holding_the_point():
-    # 64x48 input, stride 8: cell i covers [8i, 8i + 8).
-    assert unit_index((15.9, 16.0), (8, 6), (64, 48)) == (2, 1)
+def test_unit_index_is_the_nearest_unit():
+    # 64x48 input, stride 8: unit i sits at 8i.
+    assert unit_index((15.9, 16.0), (8, 6), (64, 48)) == (2, 2)
+    assert unit_index((11.9, 12.0), (8, 6), (64, 48)) == (2, 1)
     assert unit_index((47.9, 63.99), (8, 6), (64, 48)) == (7, 5)
     assert unit_index((100.0, -3.0), (8, 6), (64, 48)) == (0, 5)
 
@@ -230,9 +231,10 @@ def test_stem_erf_of_a_detector_is_its_first_kernel(shapes, same_function_models
         x, y, w, h = boxes[int(row['ann_id'])]
         assert math.isclose(float(row['box_x1']), x * scale, rel_tol=1e-5)
         assert math.isclose(float(row['box_y2']), (y + h) * scale, rel_tol=1e-5)
-        # The stem (7x7, stride 2, padding 3): the unit holding the centre, its 7x7 window.
-        unit_row = int((y + h / 2) * scale // 2)
-        unit_col = int((x + w / 2) * scale // 2)
+        # The stem (7x7, stride 2, padding 3): the unit nearest to the centre (unit i at 2i),
+        # its 7x7 window.
+        unit_row = min(math.floor((y + h / 2) * scale / 2 + 0.5), got.shape[0] // 2 - 1)
+        unit_col = min(math.floor((x + w / 2) * scale / 2 + 0.5), got.shape[1] // 2 - 1)
         assert (int(row['unit_row']), int(row['unit_col'])) == (unit_row, unit_col)
         expected = kernel_erf(kernel, got.shape, (2 * unit_row - 3, 2 * unit_col - 3)).numpy()
         assert np.allclose(got, expected / expected.sum(), rtol=1e-4, atol=1e-7)

@@ -1,6 +1,7 @@
 """t-SNE tool: control units per operator, collection at object centres, the command line."""
 import csv
 import json
+import math
 import os.path as osp
 
 import numpy as np
@@ -142,8 +143,9 @@ def expected_units(model, layer_name, generator, image_path, boxes_xywh):
             rows.append(units[0])
             continue
         stride = batch['inputs'].shape[-1] / units.shape[-1]
-        row = int((y + h / 2) * scale_y // stride)
-        col = int((x + w / 2) * scale_x // stride)
+        # unit i sits at i * stride
+        row = min(math.floor((y + h / 2) * scale_y / stride + 0.5), units.shape[-2] - 1)
+        col = min(math.floor((x + w / 2) * scale_x / stride + 0.5), units.shape[-1] - 1)
         rows.append(units[0, :, row, col])
     return torch.stack(rows).numpy()
 

@@ -1,6 +1,6 @@
 """Effective receptive fields (ERF) of detectors at ground-truth objects, side by side per model.
 
-For every ground-truth box, the ERF of the feature-map unit at the box centre (Luo et al.,
+For every ground-truth box, the ERF of the feature-map unit nearest to the box centre (Luo et al.,
 NeurIPS 2016, as used by the Deformable Kernels paper): the gradient of that unit (summed over
 the map's channels, or one ``--channel``) with respect to the input pixels, its magnitude
 summed over the colour channels, normalised to sum 1. The model runs in eval mode on the
@@ -15,7 +15,8 @@ to the resized image's pixel values (0-255), not the normalised ones.
 Writes to ``--out``:
 
 - ``<image>.png``: per image, one row per object, one column per model: the ERF over the
-  image (transparent where it is zero), the box, and the unit's cell;
+  image (transparent where it is zero), the box, and a stride-sized square around the unit's
+  position (unit i of a map of stride s sits at i*s, see :mod:`dk_mmdet.analysis`);
 - ``arrays/<model>/<image>.npy``: (objects, H, W) float32 ERFs in input pixels;
 - ``erf_objects.csv``: one row per (model, object), with the ERF's spread ``erf_radius``
   (radius around the ERF's centroid holding ``--mass`` of it), ``box_size`` (square root of
@@ -287,7 +288,8 @@ def analyse_image(name: str, model, image_input: ImageInput, image, args) -> Tup
             unit_col=col, box_size=box_size, erf_radius=radius,
             radius_over_size=radius / box_size, mass_in_box=mass_in_box(erf, box),
             array=osp.relpath(array_path, args.out), array_index=index))
-        cell = (col * stride_x, row * stride_y, (col + 1) * stride_x, (row + 1) * stride_y)
+        cell = ((col - 0.5) * stride_x, (row - 0.5) * stride_y, (col + 0.5) * stride_x,
+                (row + 0.5) * stride_y)
         cells.append((rgb, erf, box, cell))
     return rows, cells
 
