@@ -45,9 +45,10 @@ Corners<T> corners_of(const BilinearPoint<T>& point, int64_t height, int64_t wid
   return corners;
 }
 
-// A run of input channels [begin, end) sharing conv group, kernel offset group and deform group.
+// A run of input channels [begin, end) sharing conv group, kernel offset group and deform
+// group; z_begin is the offset of its first channel at scope cell 0 in a row of Z.
 struct ChannelRun {
-  int64_t begin, end, group, kernel_group, deform_group;
+  int64_t begin, end, group, kernel_group, deform_group, z_begin;
   int64_t size() const { return end - begin; }
 };
 
@@ -60,47 +61,74 @@ std::vector<ChannelRun> channel_runs(const DeformKernelGeometry& g, int64_t begi
     const int64_t next = std::min({end, (c / per_group + 1) * per_group,
                                    (c / per_kernel_group + 1) * per_kernel_group,
                                    (c / per_deform_group + 1) * per_deform_group});
-    runs.push_back({c, next, c / per_group, c / per_kernel_group, c / per_deform_group});
+    const int64_t group = c / per_group;
+    runs.push_back({c, next, group, c / per_kernel_group, c / per_deform_group,
+                    group * g.scope_cells() * per_group + (c - group * per_group)});
     c = next;
   }
   return runs;
 }
 
-// Typed view of a ColumnChunk: the samples of one (column, tap, channel run).
+// One column: its index in the batch, where its image starts in the channels-last input,
+// and the rigid-grid input pixel of tap (0, 0).
+struct Column {
+  int64_t index, image_start, y, x;
+};
+
+// Typed view of a ColumnChunk: the samples of one (column, tap, channel run). Everything
+// that does not depend on the column is worked out once here, so that the per-sample work
+// is a few multiply-adds and no integer divisions (which cost more than the channel loops
+// for small channel counts).
 template <typename T>
 struct Sampler {
-  const ColumnChunk& chunk;
   const DeformKernelGeometry& g;
   const T* input;
   const T* kernel_offset;
   const T* data_offset;  // null: rigid data grid
   const T* mask;         // null: no modulation
   int64_t all_columns;   // N * L, the row length of the offset columns
+  int64_t z_cell;        // distance between scope cells in a row of Z (C_in / groups)
+  std::vector<int64_t> tap_dy, tap_dx;  // input pixel of each tap relative to tap (0, 0)
+  std::vector<T> tap_qy, tap_qx;        // scope coordinate of each tap at zero offset
 
   explicit Sampler(const ColumnChunk& c)
-      : chunk(c),
-        g(c.g),
+      : g(c.g),
         input(c.input.data_ptr<T>()),
         kernel_offset(c.kernel_offset.data_ptr<T>()),
         data_offset(c.data_offset.defined() ? c.data_offset.data_ptr<T>() : nullptr),
         mask(c.mask.defined() ? c.mask.data_ptr<T>() : nullptr),
-        all_columns(c.kernel_offset.size(1)) {}
+        all_columns(c.kernel_offset.size(1)),
+        z_cell(g.in_channels / g.groups) {
+    for (int64_t i = 0; i < g.kernel_h; ++i) {
+      for (int64_t j = 0; j < g.kernel_w; ++j) {
+        tap_dy.push_back(i * g.dilation_h);
+        tap_dx.push_back(j * g.dilation_w);
+        tap_qy.push_back(T(g.scope_origin_h() + i));
+        tap_qx.push_back(T(g.scope_origin_w() + j));
+      }
+    }
+  }
 
-  // Scope corners of `tap` for kernel offset group `kg` at (global) column `col`.
-  Corners<T> kernel_corners(int64_t kg, int64_t tap, int64_t col) const {
-    const T* dy = kernel_offset + 2 * (kg * g.taps() + tap) * all_columns + col;
-    const T y = T(g.scope_origin_h()) + T(tap / g.kernel_w) + dy[0];
-    const T x = T(g.scope_origin_w()) + T(tap % g.kernel_w) + dy[all_columns];
-    return corners_of(locate<T>(y, x, g.scope_h, g.scope_w), g.scope_h, g.scope_w);
+  Column column(int64_t col) const {
+    const int64_t n = col / g.positions(), position = col - n * g.positions();
+    const int64_t out_y = position / g.out_w, out_x = position - out_y * g.out_w;
+    return {col, n * g.height * g.width * g.in_channels, out_y * g.stride_h - g.pad_h,
+            out_x * g.stride_w - g.pad_w};
+  }
+
+  // Scope corners of `tap` for kernel offset group `kg` at column `col`.
+  Corners<T> kernel_corners(int64_t kg, int64_t tap, const Column& col) const {
+    const T* dy = kernel_offset + 2 * (kg * g.taps() + tap) * all_columns + col.index;
+    return corners_of(locate<T>(tap_qy[tap] + dy[0], tap_qx[tap] + dy[all_columns], g.scope_h,
+                                g.scope_w),
+                      g.scope_h, g.scope_w);
   }
 
   // Input corners of `tap` for deform group `dg` at column `col`, as pixels of its image.
-  Corners<T> data_corners(int64_t dg, int64_t tap, int64_t col) const {
-    const int64_t position = col % g.positions();
-    const int64_t y = (position / g.out_w) * g.stride_h + (tap / g.kernel_w) * g.dilation_h - g.pad_h;
-    const int64_t x = (position % g.out_w) * g.stride_w + (tap % g.kernel_w) * g.dilation_w - g.pad_w;
+  Corners<T> data_corners(int64_t dg, int64_t tap, const Column& col) const {
+    const int64_t y = col.y + tap_dy[tap], x = col.x + tap_dx[tap];
     if (data_offset) {
-      const T* dy = data_offset + 2 * (dg * g.taps() + tap) * all_columns + col;
+      const T* dy = data_offset + 2 * (dg * g.taps() + tap) * all_columns + col.index;
       return corners_of(locate<T>(T(y) + dy[0], T(x) + dy[all_columns], g.height, g.width),
                         g.height, g.width);
     }
@@ -114,34 +142,52 @@ struct Sampler {
     return corners;
   }
 
-  T modulation(int64_t dg, int64_t tap, int64_t col) const {
-    return mask ? mask[(dg * g.taps() + tap) * all_columns + col] : T(1);
+  T modulation(int64_t dg, int64_t tap, const Column& col) const {
+    return mask ? mask[(dg * g.taps() + tap) * all_columns + col.index] : T(1);
   }
 
-  // Offset of the first pixel of the column's image in the channels-last input.
-  int64_t image_start(int64_t col) const {
-    return (col / g.positions()) * g.height * g.width * g.in_channels;
+  // Offset of the run's first channel at `pixel` of the column's image in a channels-last
+  // (N, H, W, C_in) tensor: the input or its gradient.
+  int64_t pixel_offset(const Column& col, int64_t pixel, const ChannelRun& run) const {
+    return col.image_start + pixel * g.in_channels + run.begin;
   }
 
   // Offset of (scope cell, first channel of run) inside a row of Z.
-  int64_t z_offset(const ChannelRun& run, int64_t cell) const {
-    const int64_t per_group = g.in_channels / g.groups;
-    return (run.group * g.scope_cells() + cell) * per_group + (run.begin - run.group * per_group);
-  }
+  int64_t z_offset(const ChannelRun& run, int64_t cell) const { return run.z_begin + cell * z_cell; }
 };
 
+// The vector loops over channels, compiled for AVX2 + FMA as well as for the baseline x86-64
+// ISA; the loader picks the clone the CPU runs (GCC function multiversioning), so one build
+// is fast on current CPUs and still runs on old ones. Elsewhere they are plain loops.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DK_VECTOR_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define DK_VECTOR_CLONES
+#endif
+
 template <typename T>
-void axpy(T a, const T* x, T* y, int64_t n) {
+inline __attribute__((always_inline)) void axpy_loop(T a, const T* x, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
+inline __attribute__((always_inline)) T dot_loop(const T* a, const T* b, int64_t n) {
   T sum = 0;
   // Lets the compiler reorder the sum into SIMD lanes (built with -fopenmp-simd).
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
   return sum;
+}
+
+// y += a * x
+DK_VECTOR_CLONES void axpy(float a, const float* x, float* y, int64_t n) { axpy_loop(a, x, y, n); }
+DK_VECTOR_CLONES void axpy(double a, const double* x, double* y, int64_t n) {
+  axpy_loop(a, x, y, n);
+}
+
+DK_VECTOR_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_loop(a, b, n); }
+DK_VECTOR_CLONES double dot(const double* a, const double* b, int64_t n) {
+  return dot_loop(a, b, n);
 }
 
 template <typename T>
@@ -154,8 +200,7 @@ void scatter_scope_columns_impl(const ColumnChunk& chunk, Tensor& z) {
   at::parallel_for(0, chunk.count, 16, [&](int64_t begin, int64_t end) {
     std::vector<T> sample(g.in_channels);  // m * X(p) of one run's channels
     for (int64_t local = begin; local < end; ++local) {
-      const int64_t col = chunk.first + local;
-      const T* image = s.input + s.image_start(col);
+      const auto col = s.column(chunk.first + local);
       T* z_col = z_data + local * z_row;
       std::fill(z_col, z_col + z_row, T(0));
       for (int64_t tap = 0; tap < g.taps(); ++tap) {
@@ -165,12 +210,12 @@ void scatter_scope_columns_impl(const ColumnChunk& chunk, Tensor& z) {
           if (kernel.count == 0 || data.count == 0) continue;
           const T m = s.modulation(run.deform_group, tap, col);
           // One input cell (the rigid grid): spread it directly, folding its weight in.
-          const T* v = image + data.index[0] * g.in_channels + run.begin;
+          const T* v = s.input + s.pixel_offset(col, data.index[0], run);
           T scale = m * data.weight[0];
           if (data.count > 1) {
             std::fill(sample.begin(), sample.begin() + run.size(), T(0));
             for (int k = 0; k < data.count; ++k) {
-              axpy(m * data.weight[k], image + data.index[k] * g.in_channels + run.begin,
+              axpy(m * data.weight[k], s.input + s.pixel_offset(col, data.index[k], run),
                    sample.data(), run.size());
             }
             v = sample.data();
@@ -197,8 +242,7 @@ void gather_input_grad_impl(const ColumnChunk& chunk, const Tensor& grad_z, Tens
     const auto runs = channel_runs(g, c_begin, c_end);
     std::vector<T> grad(c_end - c_begin);  // d loss / d (m * X(p)) of one run's channels
     for (int64_t local = 0; local < chunk.count; ++local) {
-      const int64_t col = chunk.first + local;
-      T* grad_image = gx_data + s.image_start(col);
+      const auto col = s.column(chunk.first + local);
       const T* gz_col = gz_data + local * z_row;
       for (int64_t tap = 0; tap < g.taps(); ++tap) {
         for (const auto& run : runs) {
@@ -207,7 +251,7 @@ void gather_input_grad_impl(const ColumnChunk& chunk, const Tensor& grad_z, Tens
           if (kernel.count == 0 || data.count == 0) continue;
           const T m = s.modulation(run.deform_group, tap, col);
           if (data.count == 1) {  // one input cell (the rigid grid): gather straight into it
-            T* gx = grad_image + data.index[0] * g.in_channels + run.begin;
+            T* gx = gx_data + s.pixel_offset(col, data.index[0], run);
             for (int k = 0; k < kernel.count; ++k) {
               axpy(m * data.weight[0] * kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]),
                    gx, run.size());
@@ -220,7 +264,7 @@ void gather_input_grad_impl(const ColumnChunk& chunk, const Tensor& grad_z, Tens
             axpy(kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]), gv, run.size());
           }
           for (int k = 0; k < data.count; ++k) {
-            axpy(m * data.weight[k], gv, grad_image + data.index[k] * g.in_channels + run.begin,
+            axpy(m * data.weight[k], gv, gx_data + s.pixel_offset(col, data.index[k], run),
                  run.size());
           }
         }
@@ -249,8 +293,7 @@ void offset_and_mask_grads_impl(const ColumnChunk& chunk, const Tensor& grad_z,
   at::parallel_for(0, chunk.count, 16, [&](int64_t begin, int64_t end) {
     std::vector<T> buffer(g.in_channels);
     for (int64_t local = begin; local < end; ++local) {
-      const int64_t col = chunk.first + local;
-      const T* image = s.input + s.image_start(col);
+      const auto col = s.column(chunk.first + local);
       const T* gz_col = gz_data + local * z_row;
       for (int64_t tap = 0; tap < g.taps(); ++tap) {
         for (const auto& run : runs) {
@@ -261,12 +304,12 @@ void offset_and_mask_grads_impl(const ColumnChunk& chunk, const Tensor& grad_z,
           const int64_t deform_row = run.deform_group * g.taps() + tap;
           T* v = buffer.data();
           if (gko) {  // v = X(p), then a dot with gZ at each scope corner
-            const T* x = image + data.index[0] * g.in_channels + run.begin;
+            const T* x = s.input + s.pixel_offset(col, data.index[0], run);
             T scale = data.weight[0];  // one input cell (the rigid grid): use it in place
             if (data.count > 1) {
               std::fill(v, v + run.size(), T(0));
               for (int k = 0; k < data.count; ++k) {
-                axpy(data.weight[k], image + data.index[k] * g.in_channels + run.begin, v,
+                axpy(data.weight[k], s.input + s.pixel_offset(col, data.index[k], run), v,
                      run.size());
               }
               x = v;
@@ -278,7 +321,7 @@ void offset_and_mask_grads_impl(const ColumnChunk& chunk, const Tensor& grad_z,
               dy += kernel.d_dy[k] * d;
               dx += kernel.d_dx[k] * d;
             }
-            T* out = gko + 2 * (run.kernel_group * g.taps() + tap) * stride + col;
+            T* out = gko + 2 * (run.kernel_group * g.taps() + tap) * stride + col.index;
             out[0] += m * scale * dy;
             out[stride] += m * scale * dx;
           }
@@ -289,14 +332,14 @@ void offset_and_mask_grads_impl(const ColumnChunk& chunk, const Tensor& grad_z,
             }
             T sample = 0, dy = 0, dx = 0;
             for (int k = 0; k < data.count; ++k) {
-              const T d = dot(v, image + data.index[k] * g.in_channels + run.begin, run.size());
+              const T d = dot(v, s.input + s.pixel_offset(col, data.index[k], run), run.size());
               sample += data.weight[k] * d;
               dy += data.d_dy[k] * d;
               dx += data.d_dx[k] * d;
             }
-            if (gm) gm[deform_row * stride + col] += sample;
+            if (gm) gm[deform_row * stride + col.index] += sample;
             if (gdo) {
-              T* out = gdo + 2 * deform_row * stride + col;
+              T* out = gdo + 2 * deform_row * stride + col.index;
               out[0] += m * dy;
               out[stride] += m * dx;
             }
