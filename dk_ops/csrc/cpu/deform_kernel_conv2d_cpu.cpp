@@ -4,10 +4,6 @@
 // (groups, S, C_in/groups); the input is channels-last. For one column and one tap the
 // bilinear corners (of the image and of the scope) are found once, then applied to all
 // channels of an offset group as AXPYs and dot products over contiguous channels.
-//
-// Parallelism without atomics, so results are deterministic: Z and the offset/mask
-// gradients are split by columns (a thread owns its columns), grad_input by channels (a
-// thread owns its channels of every pixel).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -156,22 +152,24 @@ struct Sampler {
   int64_t z_offset(const ChannelRun& run, int64_t cell) const { return run.z_begin + cell * z_cell; }
 };
 
-// The vector loops over channels, compiled for AVX2 + FMA as well as for the baseline x86-64
-// ISA; the loader picks the clone the CPU runs (GCC function multiversioning), so one build
-// is fast on current CPUs and still runs on old ones. Elsewhere they are plain loops.
+// The loops over columns below are compiled for x86-64-v3 (AVX2, FMA) as well as for the baseline
+// x86-64 ISA; the loader picks the clone the CPU runs (GCC function multiversioning), so one
+// build is fast on current CPUs and still runs on old ones. Everything they call is inlined
+// into the clone: the channel loops vectorise with FMA and floor() becomes one instruction.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DK_VECTOR_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define DK_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define DK_VECTOR_CLONES
 #endif
 
+// y += a * x
 template <typename T>
-inline __attribute__((always_inline)) void axpy_loop(T a, const T* x, T* y, int64_t n) {
+inline void axpy(T a, const T* x, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 template <typename T>
-inline __attribute__((always_inline)) T dot_loop(const T* a, const T* b, int64_t n) {
+inline T dot(const T* a, const T* b, int64_t n) {
   T sum = 0;
   // Lets the compiler reorder the sum into SIMD lanes (built with -fopenmp-simd).
 #pragma omp simd reduction(+ : sum)
@@ -179,174 +177,192 @@ inline __attribute__((always_inline)) T dot_loop(const T* a, const T* b, int64_t
   return sum;
 }
 
-// y += a * x
-DK_VECTOR_CLONES void axpy(float a, const float* x, float* y, int64_t n) { axpy_loop(a, x, y, n); }
-DK_VECTOR_CLONES void axpy(double a, const double* x, double* y, int64_t n) {
-  axpy_loop(a, x, y, n);
+// Calls visit(local, col, tap, run, kernel, data, m) for every (column, tap, channel run) of
+// chunk columns first + [begin, end) whose kernel and data samples both read something:
+// `local` is the column's row in the chunk's Z, m its modulation.
+template <typename T, typename Visit>
+__attribute__((always_inline)) inline void for_each_sample(const Sampler<T>& s,
+                                                           const std::vector<ChannelRun>& runs,
+                                                           int64_t first, int64_t begin,
+                                                           int64_t end, Visit&& visit) {
+  for (int64_t local = begin; local < end; ++local) {
+    const auto col = s.column(first + local);
+    for (int64_t tap = 0; tap < s.g.taps(); ++tap) {
+      for (const auto& run : runs) {
+        const auto kernel = s.kernel_corners(run.kernel_group, tap, col);
+        const auto data = s.data_corners(run.deform_group, tap, col);
+        if (kernel.count == 0 || data.count == 0) continue;
+        visit(local, col, tap, run, kernel, data, s.modulation(run.deform_group, tap, col));
+      }
+    }
+  }
 }
 
-DK_VECTOR_CLONES float dot(const float* a, const float* b, int64_t n) { return dot_loop(a, b, n); }
-DK_VECTOR_CLONES double dot(const double* a, const double* b, int64_t n) {
-  return dot_loop(a, b, n);
+// Rows [begin, end) of z: the scope columns of chunk columns first + [begin, end).
+// `sample` holds one run's channels.
+template <typename T>
+DK_VECTOR_CLONES void scatter_columns(const Sampler<T>& s, const std::vector<ChannelRun>& runs,
+                                      int64_t first, int64_t begin, int64_t end, T* z,
+                                      int64_t z_row, T* sample) {
+  // A few rows at a time: zeroed, then summed into while they are still in cache.
+  constexpr int64_t kRowsPerBlock = 8;
+  for (int64_t block = begin; block < end; block += kRowsPerBlock) {
+    const int64_t block_end = std::min(end, block + kRowsPerBlock);
+    std::fill(z + block * z_row, z + block_end * z_row, T(0));
+    for_each_sample(s, runs, first, block, block_end,
+                    [&](int64_t local, const Column& col, int64_t, const ChannelRun& run,
+                        const Corners<T>& kernel, const Corners<T>& data, T m)
+                        __attribute__((always_inline)) {
+      // One input cell (the rigid grid): spread it directly, folding its weight in.
+      const T* v = s.input + s.pixel_offset(col, data.index[0], run);
+      T scale = m * data.weight[0];
+      if (data.count > 1) {
+        std::fill(sample, sample + run.size(), T(0));
+        for (int k = 0; k < data.count; ++k) {
+          axpy(m * data.weight[k], s.input + s.pixel_offset(col, data.index[k], run), sample,
+               run.size());
+        }
+        v = sample;
+        scale = 1;
+      }
+      T* z_col = z + local * z_row;
+      for (int k = 0; k < kernel.count; ++k) {
+        axpy(scale * kernel.weight[k], v, z_col + s.z_offset(run, kernel.index[k]), run.size());
+      }
+    });
+  }
 }
+
+// grad_input += the input gradient that the chunk's grad_z carries, for the channels of
+// `runs`. `grad` holds one run's channels.
+template <typename T>
+DK_VECTOR_CLONES void gather_channels(const Sampler<T>& s, const std::vector<ChannelRun>& runs,
+                                      int64_t first, int64_t count, const T* grad_z,
+                                      int64_t z_row, T* grad_input, T* grad) {
+  for_each_sample(s, runs, first, 0, count,
+                  [&](int64_t local, const Column& col, int64_t, const ChannelRun& run,
+                      const Corners<T>& kernel, const Corners<T>& data, T m)
+                      __attribute__((always_inline)) {
+    const T* gz_col = grad_z + local * z_row;
+    if (data.count == 1) {  // one input cell (the rigid grid): gather straight into it
+      T* gx = grad_input + s.pixel_offset(col, data.index[0], run);
+      for (int k = 0; k < kernel.count; ++k) {
+        axpy(m * data.weight[0] * kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]), gx,
+             run.size());
+      }
+      return;
+    }
+    std::fill(grad, grad + run.size(), T(0));
+    for (int k = 0; k < kernel.count; ++k) {
+      axpy(kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]), grad, run.size());
+    }
+    for (int k = 0; k < data.count; ++k) {
+      axpy(m * data.weight[k], grad, grad_input + s.pixel_offset(col, data.index[k], run),
+           run.size());
+    }
+  });
+}
+
+// Offset and mask gradients (null: not wanted) of chunk columns first + [begin, end).
+// For one (column, tap, run), with G_c = sum_s B_s(q) gZ[s, c]:
+//   d/dq (kernel offset) = m * sum_c X_c(p) * sum_s dB_s/dq * gZ[s, c]
+//   d/dm (mask)          = sum_c X_c(p) * G_c
+//   d/dp (data offset)   = m * sum_c dX_c/dp * G_c
+// `buffer` holds one run's channels.
+template <typename T>
+DK_VECTOR_CLONES void offset_and_mask_columns(const Sampler<T>& s,
+                                              const std::vector<ChannelRun>& runs, int64_t first,
+                                              int64_t begin, int64_t end, const T* grad_z,
+                                              int64_t z_row, T* gko, T* gdo, T* gm, T* buffer) {
+  const int64_t stride = s.all_columns, taps = s.g.taps();
+  for_each_sample(s, runs, first, begin, end,
+                  [&](int64_t local, const Column& col, int64_t tap, const ChannelRun& run,
+                      const Corners<T>& kernel, const Corners<T>& data, T m)
+                      __attribute__((always_inline)) {
+    const T* gz_col = grad_z + local * z_row;
+    const int64_t deform_row = run.deform_group * taps + tap;
+    if (gko) {  // buffer = X(p), then a dot with gZ at each scope corner
+      const T* x = s.input + s.pixel_offset(col, data.index[0], run);
+      T scale = data.weight[0];  // one input cell (the rigid grid): use it in place
+      if (data.count > 1) {
+        std::fill(buffer, buffer + run.size(), T(0));
+        for (int k = 0; k < data.count; ++k) {
+          axpy(data.weight[k], s.input + s.pixel_offset(col, data.index[k], run), buffer,
+               run.size());
+        }
+        x = buffer;
+        scale = 1;
+      }
+      T dy = 0, dx = 0;
+      for (int k = 0; k < kernel.count; ++k) {
+        const T d = dot(x, gz_col + s.z_offset(run, kernel.index[k]), run.size());
+        dy += kernel.d_dy[k] * d;
+        dx += kernel.d_dx[k] * d;
+      }
+      T* out = gko + 2 * (run.kernel_group * taps + tap) * stride + col.index;
+      out[0] += m * scale * dy;
+      out[stride] += m * scale * dx;
+    }
+    if (gdo || gm) {  // buffer = G, then a dot with the input at each image corner
+      std::fill(buffer, buffer + run.size(), T(0));
+      for (int k = 0; k < kernel.count; ++k) {
+        axpy(kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]), buffer, run.size());
+      }
+      T sample = 0, dy = 0, dx = 0;
+      for (int k = 0; k < data.count; ++k) {
+        const T d = dot(buffer, s.input + s.pixel_offset(col, data.index[k], run), run.size());
+        sample += data.weight[k] * d;
+        dy += data.d_dy[k] * d;
+        dx += data.d_dx[k] * d;
+      }
+      if (gm) gm[deform_row * stride + col.index] += sample;
+      if (gdo) {
+        T* out = gdo + 2 * deform_row * stride + col.index;
+        out[0] += m * dy;
+        out[stride] += m * dx;
+      }
+    }
+  });
+}
+
+// Parallelism without atomics, so results do not depend on the number of threads: Z and the
+// offset/mask gradients are split by columns (a thread owns its columns), grad_input by
+// channels (a thread owns its channels of every pixel).
 
 template <typename T>
 void scatter_scope_columns_impl(const ColumnChunk& chunk, Tensor& z) {
   const Sampler<T> s(chunk);
-  const auto& g = chunk.g;
-  const auto runs = channel_runs(g, 0, g.in_channels);
-  const int64_t z_row = z.size(1);
-  T* z_data = z.data_ptr<T>();
+  const auto runs = channel_runs(chunk.g, 0, chunk.g.in_channels);
   at::parallel_for(0, chunk.count, 16, [&](int64_t begin, int64_t end) {
-    std::vector<T> sample(g.in_channels);  // m * X(p) of one run's channels
-    for (int64_t local = begin; local < end; ++local) {
-      const auto col = s.column(chunk.first + local);
-      T* z_col = z_data + local * z_row;
-      std::fill(z_col, z_col + z_row, T(0));
-      for (int64_t tap = 0; tap < g.taps(); ++tap) {
-        for (const auto& run : runs) {
-          const auto kernel = s.kernel_corners(run.kernel_group, tap, col);
-          const auto data = s.data_corners(run.deform_group, tap, col);
-          if (kernel.count == 0 || data.count == 0) continue;
-          const T m = s.modulation(run.deform_group, tap, col);
-          // One input cell (the rigid grid): spread it directly, folding its weight in.
-          const T* v = s.input + s.pixel_offset(col, data.index[0], run);
-          T scale = m * data.weight[0];
-          if (data.count > 1) {
-            std::fill(sample.begin(), sample.begin() + run.size(), T(0));
-            for (int k = 0; k < data.count; ++k) {
-              axpy(m * data.weight[k], s.input + s.pixel_offset(col, data.index[k], run),
-                   sample.data(), run.size());
-            }
-            v = sample.data();
-            scale = 1;
-          }
-          for (int k = 0; k < kernel.count; ++k) {
-            axpy(scale * kernel.weight[k], v, z_col + s.z_offset(run, kernel.index[k]),
-                 run.size());
-          }
-        }
-      }
-    }
+    std::vector<T> sample(chunk.g.in_channels);
+    scatter_columns(s, runs, chunk.first, begin, end, z.data_ptr<T>(), z.size(1), sample.data());
   });
 }
 
 template <typename T>
 void gather_input_grad_impl(const ColumnChunk& chunk, const Tensor& grad_z, Tensor& grad_input) {
   const Sampler<T> s(chunk);
-  const auto& g = chunk.g;
-  const int64_t z_row = grad_z.size(1);
-  const T* gz_data = grad_z.data_ptr<T>();
-  T* gx_data = grad_input.data_ptr<T>();
-  at::parallel_for(0, g.in_channels, 8, [&](int64_t c_begin, int64_t c_end) {
-    const auto runs = channel_runs(g, c_begin, c_end);
-    std::vector<T> grad(c_end - c_begin);  // d loss / d (m * X(p)) of one run's channels
-    for (int64_t local = 0; local < chunk.count; ++local) {
-      const auto col = s.column(chunk.first + local);
-      const T* gz_col = gz_data + local * z_row;
-      for (int64_t tap = 0; tap < g.taps(); ++tap) {
-        for (const auto& run : runs) {
-          const auto kernel = s.kernel_corners(run.kernel_group, tap, col);
-          const auto data = s.data_corners(run.deform_group, tap, col);
-          if (kernel.count == 0 || data.count == 0) continue;
-          const T m = s.modulation(run.deform_group, tap, col);
-          if (data.count == 1) {  // one input cell (the rigid grid): gather straight into it
-            T* gx = gx_data + s.pixel_offset(col, data.index[0], run);
-            for (int k = 0; k < kernel.count; ++k) {
-              axpy(m * data.weight[0] * kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]),
-                   gx, run.size());
-            }
-            continue;
-          }
-          T* gv = grad.data();
-          std::fill(gv, gv + run.size(), T(0));
-          for (int k = 0; k < kernel.count; ++k) {
-            axpy(kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]), gv, run.size());
-          }
-          for (int k = 0; k < data.count; ++k) {
-            axpy(m * data.weight[k], gv, gx_data + s.pixel_offset(col, data.index[k], run),
-                 run.size());
-          }
-        }
-      }
-    }
+  at::parallel_for(0, chunk.g.in_channels, 8, [&](int64_t c_begin, int64_t c_end) {
+    std::vector<T> grad(c_end - c_begin);
+    gather_channels(s, channel_runs(chunk.g, c_begin, c_end), chunk.first, chunk.count,
+                    grad_z.data_ptr<T>(), grad_z.size(1), grad_input.data_ptr<T>(), grad.data());
   });
 }
 
-// For one (column, tap, run), with G_c = sum_s B_s(q) gZ[s, c]:
-//   d/dq (kernel offset) = m * sum_c X_c(p) * sum_s dB_s/dq * gZ[s, c]
-//   d/dm (mask)          = sum_c X_c(p) * G_c
-//   d/dp (data offset)   = m * sum_c dX_c/dp * G_c
-// Each sums over channels, so each thread owns whole columns.
 template <typename T>
 void offset_and_mask_grads_impl(const ColumnChunk& chunk, const Tensor& grad_z,
                                 Tensor& grad_kernel_offset, Tensor& grad_data_offset,
                                 Tensor& grad_mask) {
   const Sampler<T> s(chunk);
-  const auto& g = chunk.g;
-  const auto runs = channel_runs(g, 0, g.in_channels);
-  const int64_t z_row = grad_z.size(1), stride = s.all_columns;
-  const T* gz_data = grad_z.data_ptr<T>();
-  T* gko = grad_kernel_offset.defined() ? grad_kernel_offset.data_ptr<T>() : nullptr;
-  T* gdo = grad_data_offset.defined() ? grad_data_offset.data_ptr<T>() : nullptr;
-  T* gm = grad_mask.defined() ? grad_mask.data_ptr<T>() : nullptr;
+  const auto runs = channel_runs(chunk.g, 0, chunk.g.in_channels);
+  auto data_or_null = [](Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  T* gko = data_or_null(grad_kernel_offset);
+  T* gdo = data_or_null(grad_data_offset);
+  T* gm = data_or_null(grad_mask);
   at::parallel_for(0, chunk.count, 16, [&](int64_t begin, int64_t end) {
-    std::vector<T> buffer(g.in_channels);
-    for (int64_t local = begin; local < end; ++local) {
-      const auto col = s.column(chunk.first + local);
-      const T* gz_col = gz_data + local * z_row;
-      for (int64_t tap = 0; tap < g.taps(); ++tap) {
-        for (const auto& run : runs) {
-          const auto kernel = s.kernel_corners(run.kernel_group, tap, col);
-          const auto data = s.data_corners(run.deform_group, tap, col);
-          if (kernel.count == 0 || data.count == 0) continue;
-          const T m = s.modulation(run.deform_group, tap, col);
-          const int64_t deform_row = run.deform_group * g.taps() + tap;
-          T* v = buffer.data();
-          if (gko) {  // v = X(p), then a dot with gZ at each scope corner
-            const T* x = s.input + s.pixel_offset(col, data.index[0], run);
-            T scale = data.weight[0];  // one input cell (the rigid grid): use it in place
-            if (data.count > 1) {
-              std::fill(v, v + run.size(), T(0));
-              for (int k = 0; k < data.count; ++k) {
-                axpy(data.weight[k], s.input + s.pixel_offset(col, data.index[k], run), v,
-                     run.size());
-              }
-              x = v;
-              scale = 1;
-            }
-            T dy = 0, dx = 0;
-            for (int k = 0; k < kernel.count; ++k) {
-              const T d = dot(x, gz_col + s.z_offset(run, kernel.index[k]), run.size());
-              dy += kernel.d_dy[k] * d;
-              dx += kernel.d_dx[k] * d;
-            }
-            T* out = gko + 2 * (run.kernel_group * g.taps() + tap) * stride + col.index;
-            out[0] += m * scale * dy;
-            out[stride] += m * scale * dx;
-          }
-          if (gdo || gm) {  // v = G, then a dot with the input at each image corner
-            std::fill(v, v + run.size(), T(0));
-            for (int k = 0; k < kernel.count; ++k) {
-              axpy(kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]), v, run.size());
-            }
-            T sample = 0, dy = 0, dx = 0;
-            for (int k = 0; k < data.count; ++k) {
-              const T d = dot(v, s.input + s.pixel_offset(col, data.index[k], run), run.size());
-              sample += data.weight[k] * d;
-              dy += data.d_dy[k] * d;
-              dx += data.d_dx[k] * d;
-            }
-            if (gm) gm[deform_row * stride + col.index] += sample;
-            if (gdo) {
-              T* out = gdo + 2 * deform_row * stride + col.index;
-              out[0] += m * dy;
-              out[stride] += m * dx;
-            }
-          }
-        }
-      }
-    }
+    std::vector<T> buffer(chunk.g.in_channels);
+    offset_and_mask_columns(s, runs, chunk.first, begin, end, grad_z.data_ptr<T>(),
+                            grad_z.size(1), gko, gdo, gm, buffer.data());
   });
 }
 
