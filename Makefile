@@ -42,30 +42,28 @@ test: build
 
 # The quickstart on the synthetic shapes data (configs/shapes): `make demo` trains and tests
 # the local-DK Faster R-CNN and prints its COCO table; `make compare` runs every variant of
-# both detectors, also on the wider-deformation test_hard split (tools/run_compare.sh). Both
-# skip the steps that finished (delete the work_dir to start over) and resume an interrupted
-# training. OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, so that a
-# training does not slow to a crawl when other processes share the cores.
+# both detectors, also on the wider-deformation test_hard split (tools/run_compare.sh), and
+# reuses the demo's model (same work_dir). Both skip the steps that finished (delete the
+# work_dir to start over) and resume an interrupted training.
 SHAPES_DIR     := data/shapes
 SHAPES_DATA    := $(SHAPES_DIR)/annotations/instances_test_hard.json
 DEMO_CONFIG    := configs/shapes/faster-rcnn_r50-dk-c3-c5_fpn_shapes.py
-DEMO_WORK_DIR  := work_dirs/demo/faster-rcnn_r50-dk-c3-c5_fpn_shapes
-QUICKSTART_ENV := OMP_WAIT_POLICY=PASSIVE
+DEMO_WORK_DIR  := work_dirs/compare/faster-rcnn_r50-dk-c3-c5_fpn_shapes
 
 $(SHAPES_DATA): tools/data/make_shapes.py | build
 	$(VPY) tools/data/make_shapes.py --out $(SHAPES_DIR) --num-train 400 --num-val 100 \
 		--num-hard 100
 
 demo: build $(SHAPES_DATA)
-	test -f $(DEMO_WORK_DIR)/.trained || { $(QUICKSTART_ENV) $(VPY) tools/train.py $(DEMO_CONFIG) \
+	test -f $(DEMO_WORK_DIR)/.trained || { $(VPY) tools/train.py $(DEMO_CONFIG) \
 		--work-dir $(DEMO_WORK_DIR) --resume && touch $(DEMO_WORK_DIR)/.trained; }
-	$(QUICKSTART_ENV) $(VPY) tools/test.py $(DEMO_CONFIG) \
+	$(VPY) tools/test.py $(DEMO_CONFIG) \
 		"$$(cat $(DEMO_WORK_DIR)/last_checkpoint)" --work-dir $(DEMO_WORK_DIR)
-	$(QUICKSTART_ENV) $(VPY) tools/analysis_tools/collect_results.py $(DEMO_WORK_DIR) \
+	$(VPY) tools/analysis_tools/collect_results.py $(DEMO_WORK_DIR) \
 		--out $(DEMO_WORK_DIR)/results.md --csv $(DEMO_WORK_DIR)/results.csv
 
 compare: build $(SHAPES_DATA)
-	$(QUICKSTART_ENV) PYTHON=$(VPY) tools/run_compare.sh work_dirs/compare
+	PYTHON=$(VPY) tools/run_compare.sh work_dirs/compare
 
 # Compile check of the CUDA kernels on machines without a GPU: builds the extension with nvcc
 # for sm_80 and sm_90 against a CUDA build of torch in its own venv (the math-library headers

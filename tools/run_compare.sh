@@ -3,6 +3,7 @@
 # test each on the val and test_hard splits, and tabulate the results with collect_results.py.
 #
 #   tools/run_compare.sh [WORK_ROOT]        (default work_dirs/compare; `make compare` runs it)
+#   DETECTORS=faster-rcnn tools/run_compare.sh   (one detector only; default: both)
 #
 # Resumable: a step that finished leaves a stamp in the model's work_dir and is skipped the
 # next time; an interrupted training resumes from its last checkpoint (tools/train.py --resume).
@@ -28,7 +29,8 @@ if [[ ! -f ${DATA_ROOT}annotations/instances_test_hard.json ]]; then
 fi
 
 work_dirs=()
-for detector in faster-rcnn mask-rcnn; do
+read -r -a detectors <<< "${DETECTORS:-faster-rcnn mask-rcnn}"
+for detector in "${detectors[@]}"; do
   for variant in "${VARIANTS[@]}"; do
     name=${detector}_${variant}_shapes
     config=configs/shapes/${name}.py
