@@ -97,3 +97,6 @@ default_hooks = dict(
 log_processor = dict(by_epoch=False, window_size=20)
 # mmengine trains on the CPU when there is no GPU; gloo is its CPU process-group backend.
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
+# A fixed seed: every run of a config gives the same model on the CPU (two unseeded runs of the
+# local-DK config ended at val bbox AP 15.0 and 10.6, so compare variants by the same seed).
+randomness = dict(seed=0)

@@ -8,8 +8,8 @@ config's test pipeline; the gradient goes through the data preprocessor, so it i
 to the resized image's pixel values (0-255), not the normalised ones.
 
     python tools/analysis_tools/erf.py \\
-        configs/shapes/faster-rcnn_r50_fpn_shapes.py work_dirs/rigid/iter_1500.pth \\
-        configs/shapes/faster-rcnn_r50-dk-c3-c5_fpn_shapes.py work_dirs/dk/iter_1500.pth \\
+        configs/shapes/faster-rcnn_r50_fpn_shapes.py work_dirs/rigid/iter_800.pth \\
+        configs/shapes/faster-rcnn_r50-dk-c3-c5_fpn_shapes.py work_dirs/dk/iter_800.pth \\
         --images data/shapes/val --layer backbone.layer3 --out erf_out
 
 Writes to ``--out``:

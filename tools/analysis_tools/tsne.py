@@ -17,8 +17,8 @@ the neighbours' majority class is the object's class, and the R^2 of predicting 
 size by the neighbours' mean.
 
     python tools/analysis_tools/tsne.py \\
-        configs/shapes/faster-rcnn_r50-dk-c3-c5_fpn_shapes.py work_dirs/dk/iter_1500.pth \\
-        configs/shapes/faster-rcnn_r50-condconv-c3-c5_fpn_shapes.py work_dirs/cc/iter_1500.pth \\
+        configs/shapes/faster-rcnn_r50-dk-c3-c5_fpn_shapes.py work_dirs/dk/iter_800.pth \\
+        configs/shapes/faster-rcnn_r50-condconv-c3-c5_fpn_shapes.py work_dirs/cc/iter_800.pth \\
         --images data/shapes/val --out tsne_out
 
 Writes ``tsne.png``, ``objects.csv`` (one row per object, in the order of the arrays),
