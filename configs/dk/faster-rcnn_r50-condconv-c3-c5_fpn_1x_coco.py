@@ -2,8 +2,6 @@
 # 2019): a per-image mixture of 8 expert kernels, the rival dynamic operator of the Deformable
 # Kernels paper's analysis. ImageNet weights load into every expert (dk_mmdet/cond_conv.py).
 _base_ = './faster-rcnn_r50_fpn_1x_coco.py'
-# dk_mmdet.cond_conv registers CondConv; listed until dk_mmdet itself imports it.
-custom_imports = dict(imports=['dk_mmdet', 'dk_mmdet.cond_conv'], allow_failed_imports=False)
 model = dict(
     backbone=dict(
         dcn=dict(type='CondConv', num_experts=8, fallback_on_stride=False),

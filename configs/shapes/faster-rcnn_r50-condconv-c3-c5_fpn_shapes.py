@@ -3,8 +3,6 @@
 # Deformable Kernels paper's analysis, which mixes whole kernels per image instead of
 # resampling them per location.
 _base_ = './faster-rcnn_r50_fpn_shapes.py'
-# dk_mmdet.cond_conv registers CondConv; listed until dk_mmdet itself imports it.
-custom_imports = dict(imports=['dk_mmdet', 'dk_mmdet.cond_conv'], allow_failed_imports=False)
 model = dict(
     backbone=dict(
         dcn=dict(type='CondConv', num_experts=8, fallback_on_stride=False),
