@@ -10,10 +10,13 @@ mmdet.
 """
 import datetime
 import os
+import types
 
 import torch
 import torch.distributed as dist
 from mmengine.config import Config
+from mmengine.dist import is_main_process
+from mmengine.hooks import LoggerHook
 
 TORCHRUN_VARIABLES = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
@@ -45,3 +48,25 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     # DDP places a CPU module's replica itself; device ids are for one-GPU-per-process only.
     wrapper_cfg['device_ids'] = None
     cfg.model_wrapper_cfg = wrapper_cfg
+
+
+def write_test_metrics_on_main_process(runner) -> None:
+    """Let only the main process write the test metrics file ``<timestamp>.json``.
+
+    mmengine 0.10.7's ``LoggerHook.after_test_epoch`` dumps the metrics on every rank into the
+    same file, so with several processes (CPU or GPU) the writes race, and a rank whose line is
+    shorter can leave the tail of another rank's line behind it: a corrupt file (seen in a
+    2-process gloo test). The other ranks keep logging the metrics and skip the file.
+    """
+    if is_main_process():
+        return
+    for hook in runner.hooks:
+        if isinstance(hook, LoggerHook):
+            hook.after_test_epoch = types.MethodType(_log_test_metrics_only, hook)
+
+
+def _log_test_metrics_only(hook, runner, metrics=None) -> None:
+    # LoggerHook.after_test_epoch without its dump.
+    _, log_str = runner.log_processor.get_log_after_epoch(
+        runner, len(runner.test_dataloader), 'test', with_non_scalar=True)
+    runner.logger.info(log_str)

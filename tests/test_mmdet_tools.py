@@ -13,15 +13,18 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 from mmdet.registry import MODELS
+from mmengine.hooks import LoggerHook
 from mmengine.registry import DefaultScope
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import dk_mmdet.distributed as distributed
 from dk_mmdet.checkpoints import CHECKPOINT_SAFE_GLOBALS, setup_checkpoint_serialization
 from dk_mmdet.config_loading import load_config
 from mmdet_fixtures import (KILL_AFTER_ITER_ENV, REPO_ROOT, TOOLS_DIR, make_shapes_dataset,
@@ -192,6 +195,32 @@ def test_resume_after_kill_matches_an_uninterrupted_run(shapes, configs, faster_
     train(configs['faster'], work_dir, shapes[0], '--resume', resumed)
     assert_same_training_state(osp.join(work_dir, f'iter_{MAX_ITERS}.pth'),
                                osp.join(faster_run, f'iter_{MAX_ITERS}.pth'))
+
+
+def test_only_the_main_process_writes_the_test_metrics_file(monkeypatch, tmp_path):
+    # mmengine's LoggerHook dumps the test metrics on every rank into one file; the ranks'
+    # writes raced in a 2-process run and left a corrupt file. Other ranks only log them now.
+    hook = LoggerHook()
+    hook.json_log_path = 'metrics.json'
+    logged = []
+    runner = types.SimpleNamespace(
+        hooks=[hook], log_dir=str(tmp_path), test_dataloader=[0, 1],
+        log_processor=types.SimpleNamespace(
+            get_log_after_epoch=lambda *args, **kwargs: ({'coco/bbox_mAP': 0.5}, 'bbox_mAP 0.5')),
+        logger=types.SimpleNamespace(info=logged.append))
+    monkeypatch.setattr(distributed, 'is_main_process', lambda: False)
+    distributed.write_test_metrics_on_main_process(runner)
+    hook.after_test_epoch(runner)
+    assert logged == ['bbox_mAP 0.5']
+    assert not (tmp_path / 'metrics.json').exists()
+
+    monkeypatch.setattr(distributed, 'is_main_process', lambda: True)
+    main_hook = LoggerHook()
+    main_hook.json_log_path = 'metrics.json'
+    runner.hooks = [main_hook]
+    distributed.write_test_metrics_on_main_process(runner)
+    main_hook.after_test_epoch(runner)
+    assert json.loads((tmp_path / 'metrics.json').read_text()) == {'coco/bbox_mAP': 0.5}
 
 
 def test_two_process_gloo_training_and_testing(shapes, configs, faster_run, faster_metrics,

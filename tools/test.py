@@ -20,7 +20,8 @@ from mmengine.runner import Runner  # noqa: E402
 
 from dk_mmdet.checkpoints import setup_checkpoint_serialization  # noqa: E402
 from dk_mmdet.config_loading import load_config  # noqa: E402
-from dk_mmdet.distributed import setup_cpu_distributed  # noqa: E402
+from dk_mmdet.distributed import (setup_cpu_distributed,  # noqa: E402
+                                  write_test_metrics_on_main_process)
 
 
 def parse_args():
@@ -89,6 +90,7 @@ def main():
         runner = RUNNERS.build(cfg)
     else:
         runner = Runner.from_cfg(cfg)
+    write_test_metrics_on_main_process(runner)
 
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults
