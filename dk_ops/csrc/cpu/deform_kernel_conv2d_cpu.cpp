@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "../deform_kernel_conv2d.h"
@@ -177,6 +178,34 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return sum;
 }
 
+// The run's input channels sampled at the data corners, times `scale`, as (values, factor):
+// the sample is factor * values[c]. One corner (the rigid grid) is read in place, several
+// are summed into `buffer`.
+template <typename T>
+inline std::pair<const T*, T> input_sample(const Sampler<T>& s, const Column& col,
+                                           const ChannelRun& run, const Corners<T>& data,
+                                           T scale, T* buffer) {
+  if (data.count == 1) {
+    return {s.input + s.pixel_offset(col, data.index[0], run), scale * data.weight[0]};
+  }
+  std::fill(buffer, buffer + run.size(), T(0));
+  for (int k = 0; k < data.count; ++k) {
+    axpy(scale * data.weight[k], s.input + s.pixel_offset(col, data.index[k], run), buffer,
+         run.size());
+  }
+  return {buffer, T(1)};
+}
+
+// sum = sum_k B_k(q) gZ[cell k] over the run's channels: the gradient of the kernel sample.
+template <typename T>
+inline void scope_sum(const Sampler<T>& s, const T* gz_col, const ChannelRun& run,
+                      const Corners<T>& kernel, T* sum) {
+  std::fill(sum, sum + run.size(), T(0));
+  for (int k = 0; k < kernel.count; ++k) {
+    axpy(kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]), sum, run.size());
+  }
+}
+
 // Calls visit(local, col, tap, run, kernel, data, m) for every (column, tap, channel run) of
 // chunk columns first + [begin, end) whose kernel and data samples both read something:
 // `local` is the column's row in the chunk's Z, m its modulation.
@@ -213,18 +242,7 @@ DK_VECTOR_CLONES void scatter_columns(const Sampler<T>& s, const std::vector<Cha
                     [&](int64_t local, const Column& col, int64_t, const ChannelRun& run,
                         const Corners<T>& kernel, const Corners<T>& data, T m)
                         __attribute__((always_inline)) {
-      // One input cell (the rigid grid): spread it directly, folding its weight in.
-      const T* v = s.input + s.pixel_offset(col, data.index[0], run);
-      T scale = m * data.weight[0];
-      if (data.count > 1) {
-        std::fill(sample, sample + run.size(), T(0));
-        for (int k = 0; k < data.count; ++k) {
-          axpy(m * data.weight[k], s.input + s.pixel_offset(col, data.index[k], run), sample,
-               run.size());
-        }
-        v = sample;
-        scale = 1;
-      }
+      const auto [v, scale] = input_sample(s, col, run, data, m, sample);
       T* z_col = z + local * z_row;
       for (int k = 0; k < kernel.count; ++k) {
         axpy(scale * kernel.weight[k], v, z_col + s.z_offset(run, kernel.index[k]), run.size());
@@ -252,10 +270,7 @@ DK_VECTOR_CLONES void gather_channels(const Sampler<T>& s, const std::vector<Cha
       }
       return;
     }
-    std::fill(grad, grad + run.size(), T(0));
-    for (int k = 0; k < kernel.count; ++k) {
-      axpy(kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]), grad, run.size());
-    }
+    scope_sum(s, gz_col, run, kernel, grad);
     for (int k = 0; k < data.count; ++k) {
       axpy(m * data.weight[k], grad, grad_input + s.pixel_offset(col, data.index[k], run),
            run.size());
@@ -281,18 +296,8 @@ DK_VECTOR_CLONES void offset_and_mask_columns(const Sampler<T>& s,
                       __attribute__((always_inline)) {
     const T* gz_col = grad_z + local * z_row;
     const int64_t deform_row = run.deform_group * taps + tap;
-    if (gko) {  // buffer = X(p), then a dot with gZ at each scope corner
-      const T* x = s.input + s.pixel_offset(col, data.index[0], run);
-      T scale = data.weight[0];  // one input cell (the rigid grid): use it in place
-      if (data.count > 1) {
-        std::fill(buffer, buffer + run.size(), T(0));
-        for (int k = 0; k < data.count; ++k) {
-          axpy(data.weight[k], s.input + s.pixel_offset(col, data.index[k], run), buffer,
-               run.size());
-        }
-        x = buffer;
-        scale = 1;
-      }
+    if (gko) {  // X(p), then a dot with gZ at each scope corner
+      const auto [x, scale] = input_sample(s, col, run, data, T(1), buffer);
       T dy = 0, dx = 0;
       for (int k = 0; k < kernel.count; ++k) {
         const T d = dot(x, gz_col + s.z_offset(run, kernel.index[k]), run.size());
@@ -304,10 +309,7 @@ DK_VECTOR_CLONES void offset_and_mask_columns(const Sampler<T>& s,
       out[stride] += m * scale * dx;
     }
     if (gdo || gm) {  // buffer = G, then a dot with the input at each image corner
-      std::fill(buffer, buffer + run.size(), T(0));
-      for (int k = 0; k < kernel.count; ++k) {
-        axpy(kernel.weight[k], gz_col + s.z_offset(run, kernel.index[k]), buffer, run.size());
-      }
+      scope_sum(s, gz_col, run, kernel, buffer);
       T sample = 0, dy = 0, dx = 0;
       for (int k = 0; k < data.count; ++k) {
         const T d = dot(buffer, s.input + s.pixel_offset(col, data.index[k], run), run.size());
