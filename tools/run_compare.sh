@@ -4,6 +4,7 @@
 #
 #   tools/run_compare.sh [WORK_ROOT]        (default work_dirs/compare; `make compare` runs it)
 #   DETECTORS=faster-rcnn tools/run_compare.sh   (one detector only; default: both)
+#   VARIANTS="r50_fpn r50-dk-c3-c5_fpn" tools/run_compare.sh   (some variants only; default: all)
 #
 # Resumable: a step that finished leaves a stamp in the model's work_dir and is skipped the
 # next time; an interrupted training resumes from its last checkpoint (tools/train.py --resume).
@@ -14,8 +15,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 WORK_ROOT=${1:-work_dirs/compare}
 DATA_ROOT=data/shapes/  # the configs' data_root
-VARIANTS=(r50_fpn r50-dconv-c3-c5_fpn r50-dk-c3-c5_fpn r50-dk-global-c3-c5_fpn
-          r50-dk-dconv-c3-c5_fpn)
+ALL_VARIANTS="r50_fpn r50-dconv-c3-c5_fpn r50-dk-c3-c5_fpn r50-dk-global-c3-c5_fpn
+              r50-dk-dconv-c3-c5_fpn"
 # What --cfg-options changes to test on the held-out split instead of val.
 TEST_HARD_OPTIONS=(
   test_dataloader.dataset.ann_file=annotations/instances_test_hard.json
@@ -30,8 +31,9 @@ fi
 
 work_dirs=()
 read -r -a detectors <<< "${DETECTORS:-faster-rcnn mask-rcnn}"
+read -r -a variants -d '' <<< "${VARIANTS:-${ALL_VARIANTS}}" || true  # -d '': across lines
 for detector in "${detectors[@]}"; do
-  for variant in "${VARIANTS[@]}"; do
+  for variant in "${variants[@]}"; do
     name=${detector}_${variant}_shapes
     config=configs/shapes/${name}.py
     work_dir=${WORK_ROOT}/${name}
