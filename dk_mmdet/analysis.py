@@ -52,6 +52,16 @@ class AnnotatedImage:
     image_id: int
     objects: List[GroundTruthObject] = field(default_factory=list)
 
+    @property
+    def name(self) -> str:
+        """The file name, as the tools' tables and figures label the image."""
+        return osp.basename(self.path)
+
+    @property
+    def stem(self) -> str:
+        """The file name without its extension, for the files made from the image."""
+        return osp.splitext(self.name)[0]
+
 
 def load_detector(config: str, checkpoint: str, cfg_options: Optional[dict] = None) -> nn.Module:
     """The detector of ``config`` with the weights of ``checkpoint`` (every key must match)."""

@@ -270,8 +270,7 @@ def analyse_image(name: str, model, image_input: ImageInput, image, args) -> Tup
     erfs = erf_maps(lambda p: run_to_layer(model, args.layer, p, sample).output, pixels, units,
                     args.channel).numpy()
     erfs = np.stack([normalise(erf) for erf in erfs]).astype(np.float32)
-    stem = osp.splitext(osp.basename(image.path))[0]
-    array_path = osp.join(args.out, 'arrays', name, f'{stem}.npy')
+    array_path = osp.join(args.out, 'arrays', name, f'{image.stem}.npy')
     os.makedirs(osp.dirname(array_path), exist_ok=True)
     np.save(array_path, erfs)
 
@@ -282,7 +281,7 @@ def analyse_image(name: str, model, image_input: ImageInput, image, args) -> Tup
         box_size = float(np.sqrt((box[2] - box[0]) * (box[3] - box[1])))
         radius = erf_radius(erf, args.mass)
         rows.append(dict(
-            model=name, image=osp.basename(image.path), ann_id=obj.ann_id,
+            model=name, image=image.name, ann_id=obj.ann_id,
             category=obj.category, area=obj.area, size_range=size_range(obj.area),
             box_x1=box[0], box_y1=box[1], box_x2=box[2], box_y2=box[3], unit_row=row,
             unit_col=col, box_size=box_size, erf_radius=radius,
@@ -310,8 +309,7 @@ def main(argv=None) -> dict:
         for name, model, image_input in zip(args.names, models, inputs):
             image_rows, cells[name] = analyse_image(name, model, image_input, image, args)
             rows += image_rows
-        stem = osp.splitext(osp.basename(image.path))[0]
-        draw_image_figure(osp.join(args.out, f'{stem}.png'), osp.basename(image.path),
+        draw_image_figure(osp.join(args.out, f'{image.stem}.png'), image.name,
                           image.objects, args.names, cells, args.display_gamma)
     with open(osp.join(args.out, 'erf_objects.csv'), 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

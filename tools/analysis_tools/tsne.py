@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
               for config, checkpoint in args.pairs]
     images = read_annotated_images(args.ann or default_ann_file(models[0].cfg), args.images)
     images = [image for image in images if image.objects][:args.max_images]
-    objects = [dict(image=osp.basename(image.path), ann_id=obj.ann_id, category=obj.category,
+    objects = [dict(image=image.name, ann_id=obj.ann_id, category=obj.category,
                     bbox_x=obj.bbox[0], bbox_y=obj.bbox[1], bbox_w=obj.bbox[2],
                     bbox_h=obj.bbox[3], area=obj.area,
                     size=float(np.sqrt(obj.bbox[2] * obj.bbox[3])))
