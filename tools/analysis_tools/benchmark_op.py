@@ -6,6 +6,7 @@ F.conv2d. The cases of a shape are timed in interleaved rounds, so load from oth
 processes on a shared machine hits them alike and the ratios stay fair:
 
     python tools/analysis_tools/benchmark_op.py [--batch 2] [--repeats 5] [--device cpu]
+                                                [--stages c3 c4 c5]
     python tools/analysis_tools/benchmark_op.py --device cuda --dtype float16 --batch 8
 """
 import argparse
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 
 import dk_ops
 
-STAGES = ((128, 100), (256, 50), (512, 25))  # (channels, spatial size) of c3, c4, c5 at 800px
+# (channels, spatial size) of the ResNet-50 stages at 800 px
+STAGES = {'c3': (128, 100), 'c4': (256, 50), 'c5': (512, 25)}
 
 
 def synchronize(device):
@@ -91,6 +93,7 @@ def main():
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
+    parser.add_argument('--stages', nargs='+', default=list(STAGES), choices=list(STAGES))
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else (
@@ -99,7 +102,7 @@ def main():
           f' torch={torch.__version__}')
     print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d |')
     print('|---|---|---|---|')
-    for channels, size in STAGES:
+    for channels, size in (STAGES[stage] for stage in args.stages):
         names, steps = zip(*cases(channels, size, args.batch, device, dtype))
         seconds = median_times(steps, device, args.repeats)
         for name, time_ in zip(names, seconds):
