@@ -63,12 +63,9 @@ struct ColumnChunk {
   at::Tensor mask;           // (Gd*taps, N*L) columns, or undefined
 };
 
-// The loops that differ per device; the GEMMs, layouts and chunking around them are
+// The three loops that differ per device; the GEMMs, layouts and chunking around them are
 // shared (deform_kernel_conv2d_driver.cpp). Each writes only the tensors it receives.
 struct ColumnKernels {
-  // (B, R, C) -> a new contiguous (B, C, R): how the driver moves between NCHW and
-  // channels-last.
-  at::Tensor (*transpose_matrices)(const at::Tensor& t);
   // z (count, S*C_in) = scope columns of the chunk (every entry written).
   void (*scatter_scope_columns)(const ColumnChunk& chunk, at::Tensor& z);
   // grad_input (N, H, W, C_in) += the input gradient carried by grad_z (count, S*C_in).

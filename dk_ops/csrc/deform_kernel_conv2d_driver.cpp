@@ -34,17 +34,12 @@ Tensor columns_or_undefined(const OptionalTensor& t) {
   return t ? to_columns(*t) : Tensor();
 }
 
-// (N, C, H, W) -> contiguous (N, H, W, C); free for a channels-last tensor.
-Tensor channels_last(const ColumnKernels& kernels, const Tensor& t) {
-  const auto nhwc = t.permute({0, 2, 3, 1});
-  if (nhwc.is_contiguous()) return nhwc;
-  const auto matrices = t.reshape({t.size(0), t.size(1), t.size(2) * t.size(3)});
-  return kernels.transpose_matrices(matrices).view(nhwc.sizes());
+// (N, C, H_out, W_out) -> (N*L, C) rows (free for a channels-last tensor), and back.
+Tensor to_rows(const Tensor& t) {
+  return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}).contiguous();
 }
-// Contiguous (N, H, W, C) -> contiguous (N, C, H, W).
-Tensor channels_first(const ColumnKernels& kernels, const Tensor& t) {
-  const auto matrices = t.reshape({t.size(0), t.size(1) * t.size(2), t.size(3)});
-  return kernels.transpose_matrices(matrices).view({t.size(0), t.size(3), t.size(1), t.size(2)});
+Tensor from_rows(const Tensor& rows, const DeformKernelGeometry& g) {
+  return rows.view({g.batch, g.out_h, g.out_w, rows.size(1)}).permute({0, 3, 1, 2}).contiguous();
 }
 
 // The weight as (C_out, S * C_in/groups): the K dimension ordered like a row of Z.
@@ -65,8 +60,7 @@ int64_t columns_per_chunk(const DeformKernelGeometry& g, int64_t element_size) {
   return std::max<int64_t>(1, max_column_bytes() / per_column);
 }
 
-ColumnChunk whole_batch(const ColumnKernels& kernels, const DeformKernelGeometry& g,
-                        const Tensor& input,
+ColumnChunk whole_batch(const DeformKernelGeometry& g, const Tensor& input,
                         const Tensor& kernel_offset, const OptionalTensor& data_offset,
                         const OptionalTensor& mask) {
   // Global offsets combined with data offsets or a mask: broadcast to every location.
@@ -74,7 +68,7 @@ ColumnChunk whole_batch(const ColumnKernels& kernels, const DeformKernelGeometry
       g.global_kernel_offset
           ? kernel_offset.view({g.batch, -1, 1, 1}).expand({-1, -1, g.out_h, g.out_w})
           : kernel_offset;
-  return {g, 0, 0, channels_last(kernels, input), to_columns(local_offset),
+  return {g, 0, 0, input.permute({0, 2, 3, 1}).contiguous(), to_columns(local_offset),
           columns_or_undefined(data_offset), columns_or_undefined(mask)};
 }
 
@@ -276,7 +270,7 @@ Tensor deform_kernel_conv2d_forward(
     return global_forward(g, input.contiguous(), weight.contiguous(), kernel_offset.contiguous(),
                           contiguous(bias));
   }
-  auto chunk = whole_batch(kernels, g, input, kernel_offset, data_offset, mask);
+  auto chunk = whole_batch(g, input, kernel_offset, data_offset, mask);
   const auto weight_rows = weight_cells_last(g, weight);
   const int64_t columns = g.batch * g.positions(), step = columns_per_chunk(g, input.element_size());
   auto out_rows = at::empty({columns, g.out_channels}, input.options());
@@ -292,7 +286,7 @@ Tensor deform_kernel_conv2d_forward(
                  group_part(weight_rows, 0, g.groups, group).t());
     }
   }
-  auto output = channels_first(kernels, out_rows.view({g.batch, g.out_h, g.out_w, g.out_channels}));
+  auto output = from_rows(out_rows, g);
   if (bias) output.add_(bias->view({1, -1, 1, 1}));
   return output;
 }
@@ -341,10 +335,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
             result(need_kernel_offset, grads[2], kernel_offset), empty(), empty()};
   }
 
-  auto chunk = whole_batch(kernels, g, input, kernel_offset, data_offset, mask);
+  auto chunk = whole_batch(g, input, kernel_offset, data_offset, mask);
   const auto weight_rows = weight_cells_last(g, weight);
+  const auto grad_out_rows = to_rows(grad_output);
   const int64_t columns = g.batch * g.positions(), step = columns_per_chunk(g, input.element_size());
-  const auto grad_out_rows = channels_last(kernels, grad_output).view({columns, g.out_channels});
   const int64_t z_width = g.scope_cells() * g.in_channels;
   const bool need_z_grad = need_input || need_kernel_offset || need_data_offset || need_mask;
 
@@ -392,7 +386,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
 
   const auto dtype = input.scalar_type();  // .to(dtype) is a no-op unless accumulated in float32
   Tensor grad_input =
-      need_input ? channels_first(kernels, grad_input_cl).to(dtype) : Tensor();
+      need_input ? grad_input_cl.permute({0, 3, 1, 2}).contiguous().to(dtype) : Tensor();
   Tensor grad_weight;
   if (need_weight) {
     grad_weight = grad_weight_rows.view({g.out_channels, g.scope_cells(), -1})

@@ -327,17 +327,6 @@ DK_VECTOR_CLONES void offset_and_mask_columns(const Sampler<T>& s,
   });
 }
 
-// Tile [r_begin, r_end) x [c_begin, c_end) of the (rows, cols) matrix src, transposed into
-// the (cols, rows) matrix dst.
-template <typename T>
-DK_VECTOR_CLONES void transpose_tile(const T* src, T* dst, int64_t rows, int64_t cols,
-                                     int64_t r_begin, int64_t r_end, int64_t c_begin,
-                                     int64_t c_end) {
-  for (int64_t c = c_begin; c < c_end; ++c) {
-    for (int64_t r = r_begin; r < r_end; ++r) dst[c * rows + r] = src[r * cols + c];
-  }
-}
-
 // Parallelism without atomics, so results do not depend on the number of threads: Z and the
 // offset/mask gradients are split by columns (a thread owns its columns), grad_input by
 // channels (a thread owns its channels of every pixel).
@@ -379,33 +368,6 @@ void offset_and_mask_grads_impl(const ColumnChunk& chunk, const Tensor& grad_z,
   });
 }
 
-// In tiles that stay in L1 cache: ATen's strided copy takes 4-8x as long on ResNet's c3
-// activations (C = 128 at 100 x 100).
-Tensor transpose_matrices(const Tensor& t) {
-  const auto src = t.contiguous();
-  const int64_t batch = src.size(0), rows = src.size(1), cols = src.size(2);
-  auto dst = at::empty({batch, cols, rows}, src.options());
-  constexpr int64_t kTile = 32;
-  const int64_t row_tiles = (rows + kTile - 1) / kTile;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(),
-                                  "dk_ops_transpose_matrices", [&] {
-    const scalar_t* src_data = src.data_ptr<scalar_t>();
-    scalar_t* dst_data = dst.data_ptr<scalar_t>();
-    // A task is kTile rows of one matrix.
-    at::parallel_for(0, batch * row_tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t offset = task / row_tiles * rows * cols;
-        const int64_t r_begin = task % row_tiles * kTile, r_end = std::min(rows, r_begin + kTile);
-        for (int64_t c_begin = 0; c_begin < cols; c_begin += kTile) {
-          transpose_tile(src_data + offset, dst_data + offset, rows, cols, r_begin, r_end, c_begin,
-                         std::min(cols, c_begin + kTile));
-        }
-      }
-    });
-  });
-  return dst;
-}
-
 void scatter_scope_columns(const ColumnChunk& chunk, Tensor& z) {
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "dk_ops_scatter_scope_columns",
                              [&] { scatter_scope_columns_impl<scalar_t>(chunk, z); });
@@ -425,7 +387,7 @@ void offset_and_mask_grads(const ColumnChunk& chunk, const Tensor& grad_z,
   });
 }
 
-constexpr ColumnKernels kCpuKernels{transpose_matrices, scatter_scope_columns, gather_input_grad,
+constexpr ColumnKernels kCpuKernels{scatter_scope_columns, gather_input_grad,
                                     offset_and_mask_grads};
 
 at::Tensor forward_cpu(const Tensor& input, const Tensor& weight, const Tensor& kernel_offset,

@@ -473,9 +473,7 @@ void offset_and_mask_grads(const ColumnChunk& chunk, const Tensor& grad_z,
       });
 }
 
-Tensor transpose_matrices(const Tensor& t) { return t.transpose(1, 2).contiguous(); }
-
-constexpr ColumnKernels kCudaKernels{transpose_matrices, scatter_scope_columns, gather_input_grad,
+constexpr ColumnKernels kCudaKernels{scatter_scope_columns, gather_input_grad,
                                      offset_and_mask_grads};
 
 // The kernels run on the input's GPU (mixed devices are refused by the driver's checks).
