@@ -55,9 +55,9 @@ Tensor group_part(const Tensor& t, int64_t dim, int64_t groups, int64_t group) {
   return t.narrow(dim, group * size, size);
 }
 
-int64_t columns_per_chunk(const DeformKernelGeometry& g, int64_t element_size) {
-  const int64_t per_column = g.in_channels * g.scope_cells() * element_size;
-  return std::max<int64_t>(1, max_column_bytes() / per_column);
+int64_t columns_per_chunk(const DeformKernelGeometry& g, const Tensor& input) {
+  const int64_t per_column = g.in_channels * g.scope_cells() * input.element_size();
+  return std::max<int64_t>(1, max_column_bytes(input) / per_column);
 }
 
 ColumnChunk whole_batch(const DeformKernelGeometry& g, const Tensor& input,
@@ -272,7 +272,7 @@ Tensor deform_kernel_conv2d_forward(
   }
   auto chunk = whole_batch(g, input, kernel_offset, data_offset, mask);
   const auto weight_rows = weight_cells_last(g, weight);
-  const int64_t columns = g.batch * g.positions(), step = columns_per_chunk(g, input.element_size());
+  const int64_t columns = g.batch * g.positions(), step = columns_per_chunk(g, input);
   auto out_rows = at::empty({columns, g.out_channels}, input.options());
   auto z = at::empty({std::min(step, columns), g.scope_cells() * g.in_channels}, input.options());
   for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
@@ -338,7 +338,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
   auto chunk = whole_batch(g, input, kernel_offset, data_offset, mask);
   const auto weight_rows = weight_cells_last(g, weight);
   const auto grad_out_rows = to_rows(grad_output);
-  const int64_t columns = g.batch * g.positions(), step = columns_per_chunk(g, input.element_size());
+  const int64_t columns = g.batch * g.positions(), step = columns_per_chunk(g, input);
   const int64_t z_width = g.scope_cells() * g.in_channels;
   const bool need_z_grad = need_input || need_kernel_offset || need_data_offset || need_mask;
 
