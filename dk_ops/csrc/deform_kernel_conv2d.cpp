@@ -177,14 +177,9 @@ DeformKernelGeometry check_deform_kernel_conv2d_backward_args(
   return g;
 }
 
-int64_t max_column_bytes(const at::Tensor& input) {
-  // On CPU, small enough that a chunk the sampling pass has just written is still in cache
-  // when the GEMM reads it (4 MB ran c3 scope-4 forward+backward ~15% faster than 16 MB on
-  // a 2-core EPYC), large enough for efficient GEMMs. On GPUs, large enough to fill the device
-  // and amortise the launches.
-  const int64_t default_bytes = input.is_cpu() ? int64_t{4} << 20 : int64_t{16} << 20;
+std::optional<int64_t> column_bytes_override() {
   const char* env = std::getenv("DK_OPS_MAX_COLUMN_BYTES");
-  if (env == nullptr || *env == '\0') return default_bytes;
+  if (env == nullptr || *env == '\0') return std::nullopt;
   char* end = nullptr;
   const long long value = std::strtoll(env, &end, 10);
   TORCH_CHECK_VALUE(end != env && *end == '\0' && value > 0,

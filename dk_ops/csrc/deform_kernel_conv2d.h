@@ -43,10 +43,9 @@ DeformKernelGeometry check_deform_kernel_conv2d_backward_args(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     int64_t kernel_offset_groups, int64_t deform_groups);
 
-// Bytes allowed for one column buffer on the input's device (the columns are processed in
-// chunks that fit); DK_OPS_MAX_COLUMN_BYTES overrides the default (read on every call, so
-// tests can set it).
-int64_t max_column_bytes(const at::Tensor& input);
+// DK_OPS_MAX_COLUMN_BYTES, when set: the bytes allowed for one column buffer, overriding the
+// default chunking (read on every call, so tests can set it).
+std::optional<int64_t> column_bytes_override();
 
 // ---------------------------------------------------------------------------------------
 // The local path works on "columns": one column per output location of the batch,
