@@ -44,6 +44,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
@@ -215,6 +216,11 @@ def draw_scale_figure(path: str, rows: List[dict], names: List[str], summary: di
         ax.scatter(size, radius, s=8, alpha=0.6, label=f'{name} (slope {slope})')
     ax.set_xscale('log')
     ax.set_yscale('log')
+    # Plain numbers at 1, 2, 5 x 10^k and no minor labels (labelled minor ticks overlap).
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel('box size sqrt(w h) [input px]')
     ax.set_ylabel('ERF radius [input px]')
     ax.set_title(f'ERF spread vs object size at {layer}', fontsize=8)
