@@ -155,7 +155,10 @@ def test_gradcheck_on_cuda(problem):
         return problem.call(dk_ops.deform_kernel_conv2d, dict(tensors, **dict(zip(names, values))))
 
     leaves = [tensors[name].requires_grad_() for name in names]
-    assert torch.autograd.gradcheck(op, leaves, fast_mode=True)
+    # With data offsets the input gradient is summed with atomics (see the determinism tests
+    # below), so two backward passes may differ by float64 rounding in the order of the adds.
+    nondet_tol = 1e-10 if problem.data_offset else 0.0
+    assert torch.autograd.gradcheck(op, leaves, fast_mode=True, nondet_tol=nondet_tol)
 
 
 # ----------------------------------------------------------------------------- half, bfloat16
