@@ -1,4 +1,5 @@
-"""Forward+backward time of dk_ops.deform_kernel_conv2d against F.conv2d (and mmcv's DCN).
+"""Forward+backward time of dk_ops.deform_kernel_conv2d against F.conv2d (and mmcv's and
+torchvision's DCN where installed).
 
 For the 3x3 convs of the ResNet-50 stages (batch N, C in = C out, stride 1, padding 1),
 prints the median time of forward+backward (gradients of every input) and its ratio to
@@ -74,6 +75,19 @@ def cases(channels, size, batch, device, dtype):
     yield 'DK local, scope 4', dk(4, offsets(0.3))
     yield 'DK global, scope 4', dk(4, leaf(0.3 * torch.randn(batch, 18, **make)))
     yield 'DK+DCN, scope 4', dk(4, offsets(0.3), data_offset=offsets(1.0))
+    yield from dcn_baselines(x, rigid, offsets(1.0), device, dtype)
+
+
+def dcn_baselines(x, weight, data_offset, device, dtype):
+    """DCN of other libraries on the same input: what DK+DCN costs beside plain DCN."""
+    try:
+        from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
+    except ImportError:
+        torchvision_deform_conv2d = None
+    if torchvision_deform_conv2d is not None and dtype != torch.bfloat16:  # it has no bf16
+        yield 'torchvision DCN', forward_backward(
+            lambda x, w, off: torchvision_deform_conv2d(x, off, w, padding=1), x, weight,
+            data_offset)
     try:
         from mmcv.ops import deform_conv2d, get_compiling_cuda_version
     except ImportError:
@@ -83,8 +97,8 @@ def cases(channels, size, batch, device, dtype):
     if device.type == 'cuda' and get_compiling_cuda_version() == 'not available':
         return  # this mmcv was built without its CUDA ops
     yield 'mmcv DCN', forward_backward(
-        lambda x, w, off: deform_conv2d(x, off, w, 1, 1, 1, 1, 1, False, batch), x, rigid,
-        offsets(1.0))
+        lambda x, w, off: deform_conv2d(x, off, w, 1, 1, 1, 1, 1, False, x.shape[0]), x, weight,
+        data_offset)
 
 
 def main():
@@ -94,10 +108,14 @@ def main():
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
     parser.add_argument('--stages', nargs='+', default=list(STAGES), choices=list(STAGES))
+    parser.add_argument('--tf32', action='store_true',
+                        help='let float32 GEMMs (the op\'s) use TF32, as cuDNN convs do by default')
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else (
-        f'threads={torch.get_num_threads()}')
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32 or torch.backends.cuda.matmul.allow_tf32
+    where = (f'{torch.cuda.get_device_name(device)}, TF32 in cuDNN convs '
+             f'{torch.backends.cudnn.allow_tf32}, in GEMMs {torch.backends.cuda.matmul.allow_tf32}'
+             if device.type == 'cuda' else f'threads={torch.get_num_threads()}')
     print(f'device={device} ({where}) dtype={args.dtype} batch={args.batch}'
           f' torch={torch.__version__}')
     print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d |')
