@@ -131,6 +131,27 @@ def test_tiny_column_budget_gives_the_same_gradients(problem, monkeypatch):
     assert_gradients_close(chunked, default)
 
 
+@pytest.mark.parametrize('threads', [1, 4])
+@by_name([
+    dataclasses.replace(problem, batch=2, in_channels=8, out_channels=8, input_size=(21, 17))
+    for problem in problems_named('k3_scope4_local', 'data_offset_mask_dgroups2_groups2')
+])
+def test_threads_compute_the_reference(problem, threads):
+    # The CPU passes split columns between threads (at::parallel_for): enough columns here
+    # (2 x 21 x 17) that each of 4 threads gets some, against the 1-thread run as well.
+    tensors = problem.make_inputs(torch.float64)
+    expected_output, expected = output_and_gradients(problem, deform_kernel_conv2d_reference,
+                                                     tensors)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        output, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(output, expected_output, **TOLERANCE[torch.float64])
+    assert_gradients_close(gradients, expected, **TOLERANCE[torch.float64])
+
+
 @by_name(problems_named('k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2',
                         'global_data_offset_mask_dgroups2'))
 def test_bfloat16_gradients_close_to_reference(problem):
