@@ -173,7 +173,7 @@ inline void axpy(T a, const T* x, T* y, int64_t n) {
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
   T sum = 0;
-  // Lets the compiler reorder the sum into SIMD lanes (built with -fopenmp-simd).
+  // Lets the compiler reorder the sum into SIMD lanes (honoured in the -fopenmp build).
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
   return sum;
