@@ -28,9 +28,8 @@ def extension():
     # the CPU passes run on one thread (2-core EPYC, c3 scope 4: the scope-column scatter took
     # 24 ms a forward, the same as with 1 thread). The extension then needs libgomp.so.1,
     # which resolves to the copy PyTorch has already loaded, so both share one thread pool.
-    cxx_flags = ['-O3', '-std=c++20', '-fopenmp']
-    if os.environ.get('DEBUG', '0') == '1':
-        cxx_flags = ['-O0', '-g', '-std=c++20', '-fopenmp']
+    optimisation = ['-O0', '-g'] if os.environ.get('DEBUG', '0') == '1' else ['-O3']
+    cxx_flags = optimisation + ['-std=c++20', '-fopenmp']
     link_flags = ['-fopenmp']
     if not use_cuda():
         return CppExtension('dk_ops._C', sources, extra_compile_args={'cxx': cxx_flags},
