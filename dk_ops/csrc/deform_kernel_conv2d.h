@@ -7,6 +7,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace dk_ops {
 
@@ -62,6 +63,11 @@ struct ColumnChunk {
   at::Tensor data_offset;    // (2*Gd*taps, N*L) columns, or undefined (rigid data grid)
   at::Tensor mask;           // (Gd*taps, N*L) columns, or undefined
 };
+
+// The input rows that the chunk's columns can read on a rigid data grid, as a range of the
+// flattened (N*H, W) input: from the first column's top tap row to the last column's bottom
+// tap row (a superset: the input-gradient gathers skip columns outside the chunk).
+std::pair<int64_t, int64_t> rigid_input_rows(const ColumnChunk& chunk);
 
 // The three loops that differ per device; the GEMMs, layouts and chunking around them are
 // shared (deform_kernel_conv2d_driver.cpp). Each writes only the tensors it receives.

@@ -275,6 +275,18 @@ OptionalTensor contiguous(const OptionalTensor& t) {
 
 }  // namespace
 
+std::pair<int64_t, int64_t> rigid_input_rows(const ColumnChunk& chunk) {
+  const auto& g = chunk.g;
+  const int64_t last = chunk.first + chunk.count - 1;
+  const int64_t first_image = chunk.first / g.positions(), last_image = last / g.positions();
+  const int64_t top = ((chunk.first % g.positions()) / g.out_w) * g.stride_h - g.pad_h;
+  const int64_t bottom =
+      ((last % g.positions()) / g.out_w) * g.stride_h - g.pad_h + (g.kernel_h - 1) * g.dilation_h;
+  const int64_t begin = first_image * g.height + std::clamp<int64_t>(top, 0, g.height);
+  const int64_t end = last_image * g.height + std::clamp<int64_t>(bottom, -1, g.height - 1) + 1;
+  return {begin, std::max(begin, end)};
+}
+
 Tensor deform_kernel_conv2d_forward(
     const ColumnKernels& kernels, const Tensor& input, const Tensor& weight,
     const Tensor& kernel_offset, const OptionalTensor& data_offset, const OptionalTensor& mask,

@@ -254,14 +254,11 @@ __global__ void input_grad_rigid_kernel(const __grid_constant__ ColumnView<scala
     const int64_t y = (pixel / v.width) % v.height, x = pixel % v.width;
     acc_t sum = 0;
     for (int64_t tap = 0; tap < v.taps; ++tap) {
-      // The output location whose tap reads (y, x): y = out_y * stride - pad + i * dilation.
-      const int64_t y_steps = y + v.pad_h - (tap / v.kernel_w) * v.dilation_h;
-      const int64_t x_steps = x + v.pad_w - (tap % v.kernel_w) * v.dilation_w;
-      if (y_steps < 0 || x_steps < 0 || y_steps % v.stride_h != 0 || x_steps % v.stride_w != 0) {
-        continue;
-      }
-      const int64_t out_y = y_steps / v.stride_h, out_x = x_steps / v.stride_w;
-      if (out_y >= v.out_h || out_x >= v.out_w) continue;
+      const int64_t out_y =
+          rigid_reader(y, (tap / v.kernel_w) * v.dilation_h, v.stride_h, v.pad_h, v.out_h);
+      const int64_t out_x =
+          rigid_reader(x, (tap % v.kernel_w) * v.dilation_w, v.stride_w, v.pad_w, v.out_w);
+      if (out_y < 0 || out_x < 0) continue;
       const int64_t col = n * v.positions + out_y * v.out_w + out_x;
       if (col < v.first || col >= v.first + v.count) continue;  // a column of another chunk
       const auto scope = v.scope_point(ch.kernel_group, tap, col);
@@ -394,22 +391,6 @@ __global__ void data_offset_and_mask_grad_kernel(const __grid_constant__ ColumnV
   }
 }
 
-// The input pixels that the chunk's columns can read on a rigid grid, as a range of the
-// flattened (N, H, W) input: from the first column's top tap row to the last column's
-// bottom tap row (a superset; the kernel skips columns outside the chunk).
-std::pair<int64_t, int64_t> rigid_pixel_range(const ColumnChunk& chunk) {
-  const auto& g = chunk.g;
-  const int64_t last = chunk.first + chunk.count - 1;
-  const int64_t first_image = chunk.first / g.positions(), last_image = last / g.positions();
-  const int64_t top = ((chunk.first % g.positions()) / g.out_w) * g.stride_h - g.pad_h;
-  const int64_t bottom =
-      ((last % g.positions()) / g.out_w) * g.stride_h - g.pad_h + (g.kernel_h - 1) * g.dilation_h;
-  const int64_t begin = (first_image * g.height + std::clamp<int64_t>(top, 0, g.height)) * g.width;
-  const int64_t end =
-      (last_image * g.height + std::clamp<int64_t>(bottom, -1, g.height - 1) + 1) * g.width;
-  return {begin, std::max(begin, end)};
-}
-
 void scatter_scope_columns(const ColumnChunk& chunk, Tensor& z) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -433,7 +414,8 @@ void gather_input_grad(const ColumnChunk& chunk, const Tensor& grad_z, Tensor& g
                               "grad_input must be in the accumulation dtype");
         const ColumnView<scalar_t> view(chunk);
         if (rigid) {
-          const auto [begin, end] = rigid_pixel_range(chunk);
+          const auto [row_begin, row_end] = rigid_input_rows(chunk);
+          const int64_t begin = row_begin * chunk.g.width, end = row_end * chunk.g.width;
           input_grad_rigid_kernel<scalar_t>
               <<<blocks_for((end - begin) * chunk.g.in_channels), kThreadsPerBlock, 0, stream>>>(
                   view, begin, end, grad_z.data_ptr<scalar_t>(), grad_input.data_ptr<acc_t>());
