@@ -208,6 +208,7 @@ PROBLEMS = [
     Problem('global', global_offset=True),
     Problem('global_scope5_groups2_kgroups2', global_offset=True, scope_size=(5, 5), groups=2,
             kernel_offset_groups=2),
+    Problem('global_kgroups2', global_offset=True, kernel_offset_groups=2),
     Problem('global_k3x2_stride2', global_offset=True, kernel_size=(3, 2), scope_size=(4, 4),
             stride=(2, 2), input_size=(8, 7)),
     Problem('global_data_offset_mask_dgroups2', global_offset=True, data_offset=True,

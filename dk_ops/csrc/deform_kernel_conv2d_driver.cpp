@@ -179,27 +179,23 @@ Tensor block_rows(const Tensor& t, const ScopeBlock& block) {
       .reshape({block.out_size * block.in_size, t.size(2)});
 }
 
-// One kernel per image: (N * C_out, C_in/groups, K_h, K_w) filters for the batched conv. For
-// image n and each block: kernels = scope rows (OC, S) @ A_n^T (S, taps), GEMMs per image so
-// that no large operand is permuted.
+// One kernel per image: (N * C_out, C_in/groups, K_h, K_w) filters for the batched conv.
+// Per block, one GEMM for the whole batch: scope rows (R, S) @ [A_0^T ... A_N-1^T] (S, N * taps),
+// then a copy into image-major order. (Per image, the (R, S) @ (S, taps) GEMMs ran at a
+// fraction of memory speed: 8.6 ms against 4.7 ms for this with c5's 512 x 512 scope, batch 2.)
 Tensor global_filters(const DeformKernelGeometry& g, const Tensor& weight,
                       const GlobalSampling& sampling) {
   const auto scope = weight.reshape({g.out_channels, g.in_channels / g.groups, g.scope_cells()});
   auto filters = at::empty({g.batch, g.out_channels, g.in_channels / g.groups, g.taps()},
                            weight.options());
   for (const auto& block : scope_blocks(g)) {
-    const auto rows = block_rows(scope, block);
-    for (int64_t n = 0; n < g.batch; ++n) {
-      const auto a_t = sampling.weight[n][block.kernel_group].t();  // (S, taps)
-      auto out = filters[n].narrow(0, block.out_begin, block.out_size)
-                     .narrow(1, block.in_begin, block.in_size);
-      if (out.is_contiguous()) {
-        auto out_rows = out.view({-1, g.taps()});
-        at::mm_out(out_rows, rows, a_t);
-      } else {
-        out.copy_(at::mm(rows, a_t).view(out.sizes()));
-      }
-    }
+    const auto samplings = sampling.weight.select(1, block.kernel_group)  // (N, taps, S)
+                               .reshape({g.batch * g.taps(), g.scope_cells()});
+    const auto kernels = at::mm(block_rows(scope, block), samplings.t())  // (R, N * taps)
+                             .view({block.out_size, block.in_size, g.batch, g.taps()});
+    filters.narrow(1, block.out_begin, block.out_size)
+        .narrow(2, block.in_begin, block.in_size)
+        .copy_(kernels.permute({2, 0, 1, 3}));
   }
   return filters.view({g.batch * g.out_channels, g.in_channels / g.groups, g.kernel_h,
                        g.kernel_w});
@@ -241,17 +237,23 @@ std::array<Tensor, 3> global_backward(const DeformKernelGeometry& g, const Tenso
   Tensor grad_sampling = needed[2] ? at::zeros_like(sampling.weight) : Tensor();
   for (const auto& block : scope_blocks(g)) {
     const auto rows = block_rows(scope, block);
-    Tensor grad_rows_sum = needed[1] ? at::zeros_like(rows) : Tensor();
+    // The block's part of grad_scope; summed into in place when it is one contiguous piece
+    // (whole output channels: always with groups = kernel_offset_groups = 1).
+    Tensor grad_block, grad_rows_sum;
+    if (needed[1]) {
+      grad_block = grad_scope.narrow(0, block.out_begin, block.out_size)
+                       .narrow(1, block.in_begin, block.in_size);
+      grad_rows_sum = grad_block.is_contiguous() ? grad_block.view({-1, g.scope_cells()})
+                                                 : at::zeros_like(rows);
+    }
     for (int64_t n = 0; n < g.batch; ++n) {
       const auto grad_rows = block_rows(grad_kernels[n], block);  // (OC, taps)
       const auto a = sampling.weight[n][block.kernel_group];       // (taps, S)
       if (needed[1]) grad_rows_sum.addmm_(grad_rows, a);
       if (needed[2]) grad_sampling[n][block.kernel_group].addmm_(grad_rows.t(), rows);
     }
-    if (needed[1]) {
-      grad_scope.narrow(0, block.out_begin, block.out_size)
-          .narrow(1, block.in_begin, block.in_size)
-          .add_(grad_rows_sum.view({block.out_size, block.in_size, g.scope_cells()}));
+    if (needed[1] && !grad_block.is_contiguous()) {
+      grad_block.add_(grad_rows_sum.view(grad_block.sizes()));
     }
   }
   if (needed[1]) grads[1] = grad_scope.view(weight.sizes());
