@@ -76,7 +76,14 @@ CUDA_HOME          ?= /usr/local/cuda
 CUDA_ARCHS         := 8.0;9.0
 CUDA_CHECK_DIR     := build/cuda-check
 
+# The CUDA build of torch and its nvidia wheels take about 5.5 GB installed: say so up front
+# rather than fail inside pip with "No space left on device".
+CUDA_VENV_GB := 6
+
 $(CUDA_VENV)/.stack-installed:
+	@free_gb=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	test "$$free_gb" -ge $(CUDA_VENV_GB) || { echo "cuda-check: the CUDA torch venv \
+	$(CUDA_VENV) needs about $(CUDA_VENV_GB) GB of disk, $$free_gb GB free here" >&2; exit 1; }
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install "torch==$(CUDA_TORCH_VERSION)" ninja numpy wheel
 	touch $@
