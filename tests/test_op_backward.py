@@ -143,8 +143,9 @@ def test_small_column_chunks_give_the_same_gradients(problem, columns_per_chunk,
     for problem in problems_named('k3_scope4_local', 'data_offset_mask_dgroups2_groups2')
 ])
 def test_threads_compute_the_reference(problem, threads):
-    # The CPU passes split columns between threads (at::parallel_for): enough columns here
-    # (2 x 21 x 17) that each of 4 threads gets some, against the 1-thread run as well.
+    # The CPU passes split columns, or for the rigid input gradient strips of 8 input pixels,
+    # between threads (at::parallel_for): enough of both here (2 x 21 x 17 columns, 3 strips
+    # a row) that several threads get some, against the 1-thread run as well.
     tensors = problem.make_inputs(torch.float64)
     expected_output, expected = output_and_gradients(problem, deform_kernel_conv2d_reference,
                                                      tensors)

@@ -364,11 +364,11 @@ DK_VECTOR_CLONES void offset_and_mask_columns(const Sampler<T>& s,
 
 // Parallelism without atomics, so results do not depend on the number of threads: Z and the
 // offset/mask gradients are split by columns (a thread owns its columns), grad_input on a
-// rigid grid by input rows (a thread owns its rows). With data offsets any column may
-// read any pixel, and grad_input is gathered on one thread: split by channels (a thread
-// owning its channels of every pixel) it ran 1.3-2.6x slower than on one thread (2-core
-// EPYC, c3-c5, scope 4), the threads' halves of every pixel row and of every cell of grad_z
-// fighting over the cache.
+// rigid grid by strips of input pixels (a thread owns its strips). With data offsets any
+// column may read any pixel, and grad_input is gathered on one thread: split by channels
+// (a thread owning its channels of every pixel) it ran 1.3-2.6x slower than on one thread
+// (2-core EPYC, c3-c5, scope 4), the threads' halves of every pixel row and of every cell
+// of grad_z fighting over the cache.
 
 template <typename T>
 void scatter_scope_columns_impl(const ColumnChunk& chunk, Tensor& z) {
@@ -403,7 +403,7 @@ void gather_input_grad_impl(const ColumnChunk& chunk, const Tensor& grad_z, Tens
   }
   std::vector<T> grad(chunk.g.in_channels);
   gather_columns(s, runs, chunk.first, chunk.count, grad_z.data_ptr<T>(), grad_z.size(1),
-                  grad_input.data_ptr<T>(), grad.data());
+                 grad_input.data_ptr<T>(), grad.data());
 }
 
 template <typename T>
