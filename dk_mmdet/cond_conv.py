@@ -17,11 +17,13 @@ its experts. The experts start as W + d_e with sum_e d_e = 0, so that mean is ex
 spread d must not be zero: with identical experts and a routing that does not depend on the
 input, every expert and every routing row gets the same gradient, and the experts would never
 become different. d_e is zero-mean noise scaled per filter to ``expert_spread`` times the RMS
-of W's filter. From scratch, W is drawn as nn.Conv2d draws its weight; a rigid
-(out, in/groups, K, K) ``weight`` (and (out,) ``bias``) met while loading a state dict, e.g.
-ImageNet weights through ``init_cfg=dict(type='Pretrained', ...)``, becomes W (fresh noise
-from torch's random generator, which mmengine seeds), so a model initialised from a rigid
-checkpoint computes the rigid model's outputs, up to float rounding.
+of W's filter, drawn from a generator seeded from torch's seed (``torch.initial_seed()``), so
+that the layer draws from torch's global generator only what the rigid conv draws. From scratch,
+W is drawn as nn.Conv2d draws its weight, and an init_cfg that would initialise the rigid conv
+initialises W (:mod:`dk_mmdet.rigid_init`); a rigid (out, in/groups, K, K) ``weight`` (and
+(out,) ``bias``) met while loading a state dict, e.g. ImageNet weights through
+``init_cfg=dict(type='Pretrained', ...)``, becomes W. Either way the layer starts as the rigid
+conv it replaces, up to float rounding.
 """
 import math
 
@@ -31,19 +33,32 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from dk_mmdet.rigid_init import RigidKernelInit
+
+
+class _RoutingStartLinear(nn.Linear):
+    """nn.Linear starting at zero weights and bias logit(1/E), drawing no random numbers."""
+
+    def reset_parameters(self) -> None:
+        # sigmoid(-log(E - 1)) = 1/E: the routing weights start constant and sum to one.
+        nn.init.zeros_(self.weight)
+        nn.init.constant_(self.bias, -math.log(self.out_features - 1))
+
+
+class RoutingLinear(_RoutingStartLinear):
+    """The routing's linear layer; two levels below nn.Linear so that mmengine's initialisers,
+    which match ``layer='Linear'`` by class name and direct bases, leave it alone."""
+
 
 class CondConvRouting(nn.Module):
     """Routing weights sigmoid(Linear(global average pool of x)): (N, C, H, W) -> (N, E)."""
 
     def __init__(self, in_channels: int, num_experts: int):
         super().__init__()
-        self.fc = nn.Linear(in_channels, num_experts)
-        self.reset_parameters()
+        self.fc = RoutingLinear(in_channels, num_experts)
 
     def reset_parameters(self) -> None:
-        # sigmoid(-log(E - 1)) = 1/E: the routing weights start constant and sum to one.
-        nn.init.zeros_(self.fc.weight)
-        nn.init.constant_(self.fc.bias, -math.log(self.fc.out_features - 1))
+        self.fc.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.fc(x.mean((2, 3))))
@@ -87,26 +102,44 @@ class CondConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels)) if bias else None
         self.routing = CondConvRouting(in_channels, num_experts)
         self.reset_parameters()
+        # Where an init_cfg would initialise the rigid conv, it initialises W the same way
+        # (dk_mmdet/rigid_init.py).
+        self.rigid_kernel_init = RigidKernelInit(self)
 
     def reset_parameters(self) -> None:
-        # nn.Conv2d's default init of one kernel: U(-b, b), b = 1/sqrt(fan_in).
-        bound = 1 / math.sqrt(self.in_channels // self.groups * math.prod(self.kernel_size))
-        rigid = torch.empty(self.weight.shape[1:]).uniform_(-bound, bound)
-        with torch.no_grad():
-            self.weight.copy_(self.experts_around(rigid))
-            if self.bias is not None:
+        # The rigid conv's init: W drawn exactly as nn.Conv2d draws its weight and bias (same
+        # random numbers), so with the seed of a rigid network the layer is the same function.
+        rigid = torch.empty(self.weight.shape[1:], dtype=self.weight.dtype,
+                            device=self.weight.device)
+        nn.init.kaiming_uniform_(rigid, a=math.sqrt(5))
+        self.set_rigid_kernel(rigid)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(rigid[0].numel())
+            with torch.no_grad():
                 self.bias.copy_(torch.empty(self.out_channels).uniform_(-bound, bound))
         self.routing.reset_parameters()
 
     def init_weights(self) -> None:
-        # Called by mmengine's BaseModule.init_weights in place of mmcv's Kaiming init of a
-        # ConvModule's conv; the experts keep their values, the routing restarts constant.
+        # Called by mmengine's BaseModule.init_weights after the parent's init_cfg (which set
+        # W through rigid_kernel_init); the routing restarts constant.
         self.routing.reset_parameters()
+
+    def rigid_kernel(self) -> Tensor:
+        """W, the mean of the experts: the kernel the layer convolves with while routing is 1/E."""
+        return self.weight.detach().mean(0)
+
+    def set_rigid_kernel(self, rigid: Tensor) -> None:
+        """Set the experts to ``rigid`` plus a fresh zero-sum spread."""
+        with torch.no_grad():
+            self.weight.copy_(self.experts_around(rigid.to(self.weight.dtype)))
 
     def experts_around(self, rigid: Tensor) -> Tensor:
         """Experts W + d_e (E, *rigid.shape) whose mean is ``rigid``; see the module docstring."""
+        # The spread comes from a generator of its own, seeded from torch's seed, so the layer
+        # draws from the global generator exactly what the rigid conv draws.
+        spread_generator = torch.Generator(rigid.device).manual_seed(torch.initial_seed())
         noise = torch.randn(self.num_experts, *rigid.shape, dtype=rigid.dtype,
-                            device=rigid.device)
+                            device=rigid.device, generator=spread_generator)
         noise -= noise.mean(0)
         filter_dims = (2, 3, 4)
         noise_rms = noise.pow(2).mean((0, *filter_dims), keepdim=True).sqrt()

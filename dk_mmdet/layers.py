@@ -14,7 +14,10 @@ All take mmcv's conv signature ``(in_channels, out_channels, kernel_size, stride
 padding=0, dilation=1, groups=1, bias=False, **dk_options)``. ``scope_size`` defaults to
 ``kernel_size + 1`` (a 3x3 kernel sampled from a 4x4 scope).
 
-Rigid checkpoints load directly: a rigid ``(out, in, K, K)`` ``weight`` met while loading a
+From scratch, each layer starts as the rigid conv it replaces would: its zero-offset kernel is
+drawn as that conv's weight, at construction and by the init_cfg that would initialise it
+(:mod:`dk_mmdet.rigid_init`), so with the seed of the rigid network the DK network computes the
+same function at step 0. Rigid checkpoints load directly: a rigid ``(out, in, K, K)`` ``weight`` met while loading a
 state dict is mapped into the scope with :func:`dk_ops.rigid_to_scope`, so with its offset
 generators at zero the layer computes exactly the rigid convolution (for ``DKDCNv2`` the
 zero-initialised mask is sigmoid(0) = 0.5, which halves the output, as in mmcv's DCNv2).
@@ -26,6 +29,7 @@ from mmengine.registry import MODELS
 from torch import nn
 
 import dk_ops
+from dk_mmdet.rigid_init import RigidKernelInit
 
 
 class _MMCVConv:
@@ -51,10 +55,23 @@ class _MMCVConv:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, **self.fixed_options,
                          **dk_options)
+        # Where an init_cfg would initialise the rigid conv, it initialises this layer's
+        # zero-offset kernel the same way (dk_mmdet/rigid_init.py).
+        self.rigid_kernel_init = RigidKernelInit(self)
+
+    def rigid_kernel(self) -> torch.Tensor:
+        """The kernel that zero offsets sample from the scope, (C_out, C_in/groups, K_h, K_w)."""
+        return dk_ops.scope_to_rigid(self.weight.detach(), self.kernel_size)
+
+    def set_rigid_kernel(self, rigid: torch.Tensor) -> None:
+        """Set the scope to the minimum-norm one whose zero-offset kernel is ``rigid``."""
+        with torch.no_grad():
+            self.weight.copy_(dk_ops.rigid_to_scope(rigid, self.scope_size))
 
     def init_weights(self) -> None:
-        # mmdet's ResNet applies Kaiming init to every module named Conv2d, our offset
-        # generators included; mmengine's BaseModule.init_weights calls this afterwards.
+        # The offset generators start at zero and mmengine's name-matched initialisers skip
+        # them, but an init that walks modules by isinstance(nn.Conv2d / nn.Linear), as some
+        # heads do, would not; mmengine's BaseModule.init_weights calls this after its parent's.
         for name in self.offset_generator_names:
             for parameter in getattr(self, name).parameters():
                 nn.init.zeros_(parameter)

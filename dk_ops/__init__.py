@@ -9,7 +9,7 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 from dk_ops import _C  # noqa: F401  (registers torch.ops.dk_ops)
 from dk_ops.ops import deform_kernel_conv2d
 from dk_ops.modules import DeformKernel2d, DeformKernelConv2d, GlobalDeformKernel2d
-from dk_ops.weight_mapping import rigid_to_scope, scope_sampling_matrix
+from dk_ops.weight_mapping import rigid_to_scope, scope_sampling_matrix, scope_to_rigid
 
 __all__ = [
     'deform_kernel_conv2d',
@@ -18,4 +18,5 @@ __all__ = [
     'DeformKernelConv2d',
     'rigid_to_scope',
     'scope_sampling_matrix',
+    'scope_to_rigid',
 ]

@@ -2,7 +2,9 @@
 
 Every offset generator starts at zero, so a freshly built layer is the rigid
 convolution of its zero-offset kernel (taps at the centre of the scope); a modulated
-DeformKernelConv2d, like DCNv2, starts with its mask at sigmoid(0) = 0.5.
+DeformKernelConv2d, like DCNv2, starts with its mask at sigmoid(0) = 0.5. That kernel is drawn
+as nn.Conv2d draws its weight, with the same random numbers, so a layer built with the seed of
+an nn.Conv2d of the same geometry computes the same function (up to float rounding).
 """
 import math
 from typing import Optional, Tuple
@@ -12,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from dk_ops.ops import deform_kernel_conv2d
+from dk_ops.weight_mapping import rigid_to_scope
 
 
 def _default_scope(kernel_size: Tuple[int, int]) -> Tuple[int, int]:
@@ -58,13 +61,23 @@ class _DeformKernelBase(nn.Module):
                              f'kernel_size={self.kernel_size} in each dimension')
 
     def reset_parameters(self):
-        # nn.Conv2d's default init (kaiming_uniform with a=sqrt(5) is U(-b, b), b = 1/sqrt(fan_in)),
-        # with the fan-in of the taps actually used per output, not of the whole scope.
-        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
-        bound = 1 / math.sqrt(fan_in)
-        nn.init.uniform_(self.weight, -bound, bound)
+        # The rigid conv's init, mapped into the scope: a kernel drawn exactly as nn.Conv2d
+        # draws its weight (kaiming_uniform with a=sqrt(5), then the bias), same shape, same
+        # random numbers, becomes the minimum-norm scope whose zero-offset taps reproduce it.
+        # A DK network built with the seed of its rigid twin is then the same function, and
+        # every later layer draws the same numbers as the twin's.
+        rigid = torch.empty(self.rigid_kernel_shape(), dtype=self.weight.dtype,
+                            device=self.weight.device)
+        nn.init.kaiming_uniform_(rigid, a=math.sqrt(5))
+        with torch.no_grad():
+            self.weight.copy_(rigid_to_scope(rigid, self.scope_size))
         if self.bias is not None:
+            bound = 1 / math.sqrt(rigid[0].numel())
             nn.init.uniform_(self.bias, -bound, bound)
+
+    def rigid_kernel_shape(self) -> Tuple[int, int, int, int]:
+        """Shape of the rigid kernel the layer replaces, (C_out, C_in/groups, K_h, K_w)."""
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     def _offset_channels(self) -> int:
         return 2 * self.kernel_offset_groups * self.kernel_size[0] * self.kernel_size[1]
@@ -83,13 +96,37 @@ class _DeformKernelBase(nn.Module):
                 f'kernel_offset_groups={self.kernel_offset_groups}, bias={self.bias is not None}')
 
 
-def _zero_conv(in_channels: int, out_channels: int, like: _DeformKernelBase) -> nn.Conv2d:
-    """An offset generator with the main conv's geometry, starting at zero output."""
-    conv = nn.Conv2d(in_channels, out_channels, like.kernel_size, like.stride, like.padding,
-                     like.dilation, bias=True)
-    nn.init.zeros_(conv.weight)
-    nn.init.zeros_(conv.bias)
-    return conv
+class _ZeroStartConv2d(nn.Conv2d):
+    """nn.Conv2d whose weight and bias start at zero, drawing no random numbers."""
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+class OffsetConv2d(_ZeroStartConv2d):
+    """An offset generator: a conv with the main conv's geometry whose output starts at zero.
+
+    Two levels below nn.Conv2d on purpose: mmengine's initialisers pick the modules an init_cfg
+    such as ``dict(type='Kaiming', layer='Conv2d')`` applies to by class name and direct bases,
+    and would otherwise redraw the offsets of every DK layer in a network.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, like: _DeformKernelBase):
+        super().__init__(in_channels, out_channels, like.kernel_size, like.stride, like.padding,
+                         like.dilation, bias=True)
+
+
+class _ZeroStartLinear(nn.Linear):
+    """nn.Linear whose weight and bias start at zero, drawing no random numbers."""
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+class OffsetLinear(_ZeroStartLinear):
+    """The global offset generator (starts at zero; named apart from Linear as OffsetConv2d)."""
 
 
 class DeformKernel2d(_DeformKernelBase):
@@ -97,7 +134,7 @@ class DeformKernel2d(_DeformKernelBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.kernel_offset_conv = _zero_conv(self.in_channels, self._offset_channels(), self)
+        self.kernel_offset_conv = OffsetConv2d(self.in_channels, self._offset_channels(), self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv(x, self.kernel_offset_conv(x))
@@ -111,9 +148,7 @@ class GlobalDeformKernel2d(_DeformKernelBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.kernel_offset_fc = nn.Linear(self.in_channels, self._offset_channels())
-        nn.init.zeros_(self.kernel_offset_fc.weight)
-        nn.init.zeros_(self.kernel_offset_fc.bias)
+        self.kernel_offset_fc = OffsetLinear(self.in_channels, self._offset_channels())
         # Zero-offset coordinate of every (group, tap, axis) entry of the offset vector.
         rows = torch.arange(self.kernel_size[0]) + (self.scope_size[0] - self.kernel_size[0]) / 2
         cols = torch.arange(self.kernel_size[1]) + (self.scope_size[1] - self.kernel_size[1]) / 2
@@ -150,9 +185,9 @@ class DeformKernelConv2d(_DeformKernelBase):
         self.deform_groups = deform_groups
         self.modulated = modulated
         taps = self.kernel_size[0] * self.kernel_size[1]
-        self.kernel_offset_conv = _zero_conv(self.in_channels, self._offset_channels(), self)
-        self.data_offset_conv = _zero_conv(self.in_channels,
-                                           (3 if modulated else 2) * deform_groups * taps, self)
+        self.kernel_offset_conv = OffsetConv2d(self.in_channels, self._offset_channels(), self)
+        self.data_offset_conv = OffsetConv2d(self.in_channels,
+                                             (3 if modulated else 2) * deform_groups * taps, self)
 
     def forward(self, x: Tensor) -> Tensor:
         data_offset = self.data_offset_conv(x)

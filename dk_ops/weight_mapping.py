@@ -29,21 +29,32 @@ def scope_sampling_matrix(kernel: int, scope: int, dtype=torch.float64) -> Tenso
     return matrix
 
 
+def _separable(kernels: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``rows @ k @ cols.T`` for every 2-D kernel k of ``kernels`` (..., H, W), in float64.
+
+    As two plain GEMMs over all kernels at once: a batch of tiny matmuls is far slower for the
+    millions of kernels of a ResNet stage.
+    """
+    batch, (height, width) = kernels.shape[:-2], kernels.shape[-2:]
+    rows, cols = rows.to(kernels.device), cols.to(kernels.device)
+    by_row = kernels.double().reshape(-1, width) @ cols.T                    # (B*H, W')
+    by_col = by_row.reshape(-1, height, cols.shape[0]).transpose(1, 2)      # (B, W', H)
+    mapped = by_col.reshape(-1, height) @ rows.T                            # (B*W', H')
+    mapped = mapped.reshape(-1, cols.shape[0], rows.shape[0]).transpose(1, 2)
+    return mapped.reshape(*batch, rows.shape[0], cols.shape[0]).to(kernels.dtype).contiguous()
+
+
 def rigid_to_scope(rigid: Tensor, scope_size: Sequence[int]) -> Tensor:
     """Minimum-norm scope weights (..., S_h, S_w) whose zero-offset sampling is ``rigid``.
 
     ``rigid`` has shape (..., K_h, K_w); with S = K it is returned unchanged (copied).
     """
-    scope_h, scope_w = scope_size
     kernel_h, kernel_w = rigid.shape[-2:]
-    inverse_h = torch.linalg.pinv(scope_sampling_matrix(kernel_h, scope_h))
-    inverse_w = torch.linalg.pinv(scope_sampling_matrix(kernel_w, scope_w))
-    scope = inverse_h @ rigid.double() @ inverse_w.T
-    return scope.to(rigid.dtype)
+    return _separable(rigid, torch.linalg.pinv(scope_sampling_matrix(kernel_h, scope_size[0])),
+                      torch.linalg.pinv(scope_sampling_matrix(kernel_w, scope_size[1])))
 
 
 def scope_to_rigid(scope: Tensor, kernel_size: Tuple[int, int]) -> Tensor:
     """The rigid kernel (..., K_h, K_w) that zero offsets sample from ``scope``."""
-    sample_h = scope_sampling_matrix(kernel_size[0], scope.shape[-2])
-    sample_w = scope_sampling_matrix(kernel_size[1], scope.shape[-1])
-    return (sample_h @ scope.double() @ sample_w.T).to(scope.dtype)
+    return _separable(scope, scope_sampling_matrix(kernel_size[0], scope.shape[-2]),
+                      scope_sampling_matrix(kernel_size[1], scope.shape[-1]))

@@ -135,19 +135,6 @@ def test_loading_leaves_the_callers_state_dict_alone():
     assert state['weight'] is rigid
 
 
-@pytest.mark.parametrize('layer_type', LAYER_TYPES)
-def test_init_weights_restores_zero_offset_generators(layer_type):
-    layer = build(layer_type, 8, 8, 3, padding=1)
-    # What mmdet's ResNet does to every module named Conv2d (offset generators included).
-    initialize(layer, dict(type='Kaiming', layer=['Conv2d', 'Linear']))
-    generators = [getattr(layer, name) for name in layer.offset_generator_names]
-    assert any(p.abs().sum() > 0 for g in generators for p in g.parameters())
-    layer.init_weights()
-    for generator in generators:
-        for parameter in generator.parameters():
-            assert torch.count_nonzero(parameter) == 0
-
-
 def test_import_has_no_side_effect_beyond_registration():
     code = (
         'import sys, torch\n'
