@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import math
 import os
 
 import cv2
@@ -11,7 +12,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tools.data.make_shapes import CLASSES, generate, main
+from tools.data.make_shapes import SPLITS as SPLIT_RANGES
+from tools.data.make_shapes import CLASSES, TEMPLATE_SIZE, generate, main, templates
 
 SPLITS = ('train', 'val', 'test_hard')
 IMAGE_SIZE = 256  # COCO's small/medium/large thresholds (32^2, 96^2 pixels) all fall inside it
@@ -81,6 +83,7 @@ def test_ground_truth_scores_perfect_coco_ap(dataset, split, iou_type):
     """Feed the masks back as detections, their boxes recomputed by pycocotools from the masks:
     any disagreement between mask, box, ids and categories lowers the AP below 1."""
     coco = load_coco(dataset[1][split])
+    assert all('deformation' in ann for ann in coco.dataset['annotations'])  # an unknown key
     areas = np.array([ann['area'] for ann in coco.dataset['annotations']])
     # all three COCO size ranges are present, so APs/APm/APl are measured, not -1
     assert (areas < 32 ** 2).any() and (areas >= 96 ** 2).any()
@@ -147,6 +150,70 @@ def test_hard_split_is_more_deformed_than_train(dataset):
     assert np.median(hard_elongations) > 1.2 * np.median(train_elongations)
 
 
+@pytest.mark.parametrize('split', SPLITS)
+def test_deformation_records_lie_in_their_split_range(dataset, split):
+    """Each annotation's "deformation" record, within the documented range of its split (the
+    values are rounded: size to 0.01 pixel, aspect and shear to 1e-4, rotation to 0.01)."""
+    _, deformation_range = SPLIT_RANGES[split]
+    annotations = load_coco(dataset[1][split]).dataset['annotations']
+    for ann in annotations:
+        record = ann['deformation']
+        assert set(record) == {'size', 'aspect', 'rotation', 'shear', 'warp'}
+        low, high = deformation_range.size
+        assert low * IMAGE_SIZE - 0.005 <= record['size'] <= high * IMAGE_SIZE + 0.005
+        assert 1 / deformation_range.aspect - 5e-5 <= record['aspect']
+        assert record['aspect'] <= deformation_range.aspect + 5e-5
+        assert 0 <= record['rotation'] <= 360
+        assert abs(record['shear']) <= deformation_range.shear + 5e-5
+        low, high = deformation_range.warp
+        assert low - 5e-5 <= record['warp'] <= high + 5e-5
+
+
+def predicted_covariance(ann):
+    """Second moments (pixels^2) of the instance's mask as its record predicts them, ignoring the
+    warp: L C L^T, C the class template's covariance in canonical coordinates, L the documented
+    map size / (2 sqrt(fill)) * rotation @ shear @ stretch."""
+    record = ann['deformation']
+    coverage = templates()[ann['category_id'] - 1].coverage
+    rows, cols = np.nonzero(coverage > 0.5)
+    canonical = np.linspace(-1.0, 1.0, TEMPLATE_SIZE)
+    template_covariance = np.cov(np.stack([canonical[cols], canonical[rows]]))
+    angle = math.radians(record['rotation'])
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    shear = np.array([[1.0, record['shear']], [0.0, 1.0]])
+    stretch = np.diag([math.sqrt(record['aspect']), 1 / math.sqrt(record['aspect'])])
+    linear_map = record['size'] / (2 * math.sqrt(coverage.mean())) * rotation @ shear @ stretch
+    return linear_map @ template_covariance @ linear_map.T
+
+
+def mask_covariance(ann):
+    rows, cols = np.nonzero(mask_utils.decode(ann['segmentation']))
+    return np.cov(np.stack([cols, rows]).astype(np.float64))
+
+
+@pytest.mark.parametrize('split', ['train', 'test_hard'])
+def test_deformation_records_agree_with_the_masks(dataset, split):
+    """The records describe the drawn geometry: the visible area follows size^2, each nearly
+    unoccluded mask has the second moments that size, aspect, rotation and shear predict (an
+    inverted aspect, a negated rotation or shear, or a size 20% off miss them by 17 to 40% in
+    the median), and the unrecorded remainder grows with the warp."""
+    annotations = load_coco(dataset[1][split]).dataset['annotations']
+    sizes = np.array([ann['deformation']['size'] for ann in annotations])
+    areas = np.array([ann['area'] for ann in annotations])
+    assert (areas <= 1.25 * sizes ** 2).all()  # the warp changes the area a little
+    assert np.corrcoef(np.log(areas), np.log(sizes))[0, 1] > 0.95
+
+    unoccluded = [ann for ann in annotations
+                  if ann['area'] >= 0.9 * ann['deformation']['size'] ** 2]
+    assert len(unoccluded) >= 20
+    warps = np.array([ann['deformation']['warp'] for ann in unoccluded])
+    errors = np.array([np.linalg.norm(mask_covariance(ann) - predicted_covariance(ann)) /
+                       np.linalg.norm(predicted_covariance(ann)) for ann in unoccluded])
+    assert np.median(errors[warps < 0.1]) < 0.06
+    weakest, strongest = warps < np.quantile(warps, 1 / 3), warps >= np.quantile(warps, 2 / 3)
+    assert np.median(errors[strongest]) > 1.5 * np.median(errors[weakest])
+
+
 def test_mmdet_coco_dataset_loads_it(dataset):
     from mmdet.datasets import CocoDataset
     from mmdet.utils import register_all_modules
@@ -159,6 +226,7 @@ def test_mmdet_coco_dataset_loads_it(dataset):
                   dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
                   dict(type='PackDetInputs')])
     coco = load_coco(paths['train'])
+    assert all('deformation' in ann for ann in coco.dataset['annotations'])  # an unknown key
     assert len(loaded) == len(coco.getImgIds())
     sample = loaded[0]['data_samples']
     anns = coco.loadAnns(coco.getAnnIds(imgIds=sample.img_id))

@@ -17,6 +17,21 @@ writes ``OUT/annotations/instances_{train,val,test_hard}.json`` and
 written as COCO polygons; mmdet's ``LoadAnnotations`` reads them with its default
 ``poly2mask=True``. Every image is a pure function of (seed, split, image index), so a run is
 byte-for-byte reproducible.
+
+Each annotation also records its instance's ``deformation`` (readers skip keys they do not know:
+pycocotools' COCOeval and mmdet's CocoDataset load these files as any COCO file), for analyses
+per deformation strength (tools/analysis_tools/collect_results.py bins AP by it):
+
+- ``size``: square root of the area the instance would cover unoccluded, in pixels (its split's
+  ``DeformationRange.size`` times the image side; the visible ``area`` is at most a little more);
+- ``aspect``: width/height stretch, in [1/aspect, aspect] of the range;
+- ``rotation``: degrees, in [0, 360];
+- ``shear``: shear factor, in [-shear, shear];
+- ``warp``: largest displacement of the non-rigid warp, in canonical half-sides.
+
+The canonical square [-1, 1]^2 maps to image pixels (before the warp) by
+``size / (2 sqrt(fill)) * rotation @ shear @ stretch`` (``Deformation.linear_map``; ``fill``:
+the fraction of the square the class's shape covers).
 """
 import argparse
 import json
