@@ -58,14 +58,18 @@ def deform_kernel_conv2d(input: Tensor,
         data_offset: DCN offsets (N, 2*Gd*K_h*K_w, H_out, W_out), Gd = ``deform_groups``.
         mask: DCNv2 modulation (N, Gd*K_h*K_w, H_out, W_out).
 
-    Non-finite offsets put their tap outside the scope (or image): the tap contributes
-    zero and receives zero gradient.
+    The output size is F.conv2d's; a padded input smaller than the dilated kernel raises a
+    ValueError. Non-finite offsets put their tap outside the scope (or image): the tap
+    contributes zero and receives zero gradient. Every tensor gets first derivatives;
+    double backward (differentiating them after ``create_graph=True``) raises
+    NotImplementedError.
 
-    dtypes: float32, float64, float16 and bfloat16, all tensors alike. The CPU computes
-    float16 / bfloat16 in float32; CUDA keeps the sampled scope columns and the GEMMs in
-    that dtype and sums in float32 (like cuDNN convolutions). Under
-    ``torch.autocast("cuda")`` the op behaves like ``conv2d``: its floating-point CUDA
-    tensors (float64 ones excepted) are cast to the autocast dtype and it runs in it.
+    dtypes: float32, float64, float16 and bfloat16, all tensors alike; any other (float8
+    included) raises a TypeError. The CPU computes float16 / bfloat16 in float32; CUDA keeps
+    the sampled scope columns and the GEMMs in that dtype and sums in float32 (like cuDNN
+    convolutions). Under ``torch.autocast("cuda")`` the op behaves like ``conv2d``: its
+    floating-point CUDA tensors (float64 ones excepted) are cast to the autocast dtype and
+    it runs in it.
 
     Determinism on CUDA: without ``data_offset`` every kernel is deterministic. With
     ``data_offset``, the input gradient is added with atomics, so under
@@ -104,26 +108,50 @@ torch.library.register_autograd('dk_ops::deform_kernel_conv2d', _backward_formul
                                 setup_context=_setup_context)
 
 
+# The backward op has no derivative: with create_graph=True its results stay differentiable,
+# and differentiating them (a gradient penalty, say) raises here rather than giving wrong
+# second derivatives.
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        'dk_ops.deform_kernel_conv2d: double backward (differentiating its gradients, after '
+        'create_graph=True) is not supported; first derivatives are')
+
+
+torch.library.register_autograd('dk_ops::deform_kernel_conv2d_backward', _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 # ----------------------------------------------------------------------------- fake kernels
-def _conv_out_size(size, kernel, stride, padding, dilation):
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
 @torch.library.register_fake('dk_ops::deform_kernel_conv2d')
 def _(input, weight, kernel_offset, data_offset, mask, bias, kernel_size, stride, padding,
       dilation, groups, kernel_offset_groups, deform_groups):
-    torch._check(input.dim() == 4, lambda: f'input must be 4-D, got {tuple(input.shape)}')
-    torch._check(weight.dim() == 4, lambda: f'weight must be 4-D, got {tuple(weight.shape)}')
-    out_h, out_w = (_conv_out_size(input.shape[2 + d], kernel_size[d], stride[d], padding[d],
-                                   dilation[d]) for d in range(2))
+    # The real kernels' checks raise ValueError; these few the output shape needs do too.
+    torch._check_value(
+        input.dim() == 4,
+        lambda: f'deform_kernel_conv2d: input must be 4-D, got {tuple(input.shape)}')
+    torch._check_value(
+        weight.dim() == 4,
+        lambda: f'deform_kernel_conv2d: weight must be 4-D, got {tuple(weight.shape)}')
+    padded = [input.shape[2 + d] + 2 * padding[d] for d in range(2)]
+    spanned = [dilation[d] * (kernel_size[d] - 1) + 1 for d in range(2)]
+    for d in range(2):  # as F.conv2d: the padded input must hold the dilated kernel
+        torch._check_value(
+            padded[d] >= spanned[d],
+            lambda: (f'deform_kernel_conv2d: input of shape {tuple(input.shape)} is '
+                     f'{tuple(padded)} with padding {list(padding)}, smaller than the '
+                     f'{tuple(spanned)} that kernel_size {list(kernel_size)} spans with '
+                     f'dilation {list(dilation)}'))
+    out_h, out_w = ((padded[d] - spanned[d]) // stride[d] + 1 for d in range(2))
     return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
 
 
 @torch.library.register_fake('dk_ops::deform_kernel_conv2d_backward')
 def _(grad_output, input, weight, kernel_offset, data_offset, mask, kernel_size, stride,
       padding, dilation, groups, kernel_offset_groups, deform_groups, output_mask):
+    # Contiguous whatever the inputs' layout (channels-last included), as the real kernels
+    # return them.
     def like(tensor, wanted):
-        return torch.empty_like(tensor) if wanted else input.new_empty((0, ))
+        return tensor.new_empty(tensor.shape) if wanted else input.new_empty((0, ))
 
     return (like(input, output_mask[0]), like(weight, output_mask[1]),
             like(kernel_offset, output_mask[2]),

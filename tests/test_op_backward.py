@@ -1,13 +1,14 @@
 """Gradients of ``dk_ops.deform_kernel_conv2d`` (finite differences, autograd through the
-reference, mmcv's deformable convolutions), the explicit backward op, and the op's
-registration: ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)``."""
+reference, mmcv's deformable convolutions), the explicit backward op, the refused double
+backward, and the op's registration: ``torch.library.opcheck`` and
+``torch.compile(fullgraph=True)``."""
 import dataclasses
 
 import pytest
 import torch
 
 import dk_ops
-from dk_reference import (DCN_PROBLEMS, PROBLEMS, deform_kernel_conv2d_reference,
+from dk_reference import (DCN_PROBLEMS, PROBLEMS, Problem, deform_kernel_conv2d_reference,
                           mmcv_deformable_conv, non_contiguous, output_and_gradients)
 
 TOLERANCE = {
@@ -185,6 +186,45 @@ def off_the_kinks(offset):
     return torch.where(on_kink, offset + 0.125, offset)
 
 
+# The global fast path sums the weight gradient over images, and the kernel-offset gradient over
+# the scope blocks of a kernel offset group (one per channel when depthwise). Same-signed
+# terms (positive input, all-ones output gradient) make a bfloat16 running sum drift. Only
+# CUDA runs the path in bfloat16 (the CPU computes in float32 throughout); its arithmetic
+# emulated on a CPU, against the largest gradient: bfloat16 sums (and sampling coordinates)
+# err by 1.7e-2 (weight, batch 128; offsets, depthwise) up to 0.76 (offsets, batch 128),
+# float32 ones by 2.3e-3 to 4.8e-3.
+MANY_TERM_SUMS = [
+    Problem('global_batch128', batch=128, global_offset=True),
+    Problem('global_depthwise64', in_channels=64, out_channels=64, groups=64, global_offset=True),
+]
+
+
+@pytest.mark.parametrize('device', [
+    'cpu',
+    pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason='no CUDA GPU on this machine')),
+])
+@by_name(MANY_TERM_SUMS)
+def test_bfloat16_global_gradients_sum_in_float32(problem, device):
+    tensors = problem.make_inputs(torch.bfloat16)
+    tensors['input'] = tensors['input'].abs()
+    tensors['kernel_offset'] = off_the_kinks(tensors['kernel_offset'])
+    names = ('weight', 'kernel_offset')
+    rounded = {name: None if t is None else t.double().requires_grad_(name in names)
+               for name, t in tensors.items()}
+    expected = torch.autograd.grad(problem.call(deform_kernel_conv2d_reference, rounded).sum(),
+                                   [rounded[name] for name in names])
+    on_device = {name: None if t is None else t.to(device).requires_grad_(name in names)
+                 for name, t in tensors.items()}
+    output = problem.call(dk_ops.deform_kernel_conv2d, on_device)
+    gradients = torch.autograd.grad(output.sum(), [on_device[name] for name in names])
+    for name, gradient, truth in zip(names, gradients, expected):
+        assert gradient.dtype == torch.bfloat16, name
+        scale = truth.abs().max().item()
+        torch.testing.assert_close(gradient.double().cpu(), truth, rtol=0, atol=8e-3 * scale,
+                                   msg=lambda m, name=name: f'{name}: {m}')
+
+
 # ----------------------------------------------------------------------------- backward op
 def backward_op_args(problem, tensors, grad_output, output_mask):
     return (grad_output, tensors['input'], tensors['weight'], tensors['kernel_offset'],
@@ -214,6 +254,38 @@ def test_backward_op_honours_output_mask(problem):
                 assert result.numel() == 0, f'{name} was not asked for but has {result.shape}'
 
 
+# ----------------------------------------------------------------------------- double backward
+@pytest.mark.filterwarnings('ignore:Using backward\\(\\) with create_graph=True')
+@pytest.mark.parametrize('backward', ['autograd.grad', 'Tensor.backward'])
+@by_name(problems_named('global', 'data_offset_mask_dgroups2_groups2'))
+def test_double_backward_raises(problem, backward):
+    # Documented: first derivatives only. Differentiating the gradients (a gradient penalty,
+    # create_graph=True then a second backward) must fail loudly, not give wrong numbers.
+    tensors = problem.make_inputs()
+    leaves = [t.requires_grad_() for t in tensors.values() if t is not None]
+    loss = problem.call(dk_ops.deform_kernel_conv2d, tensors).square().sum()
+    with pytest.raises(NotImplementedError, match='double backward'):
+        if backward == 'autograd.grad':
+            gradients = torch.autograd.grad(loss, leaves, create_graph=True)
+            torch.autograd.grad(sum(gradient.square().sum() for gradient in gradients), leaves)
+        else:
+            loss.backward(create_graph=True)
+            tensors['input'].grad.square().sum().backward()
+
+
+def test_create_graph_alone_gives_the_first_derivatives():
+    problem = problems_named('data_offset_mask_dgroups2_groups2')[0]
+    tensors = problem.make_inputs()
+    _, expected = output_and_gradients(problem, deform_kernel_conv2d_reference, tensors)
+    leaves = {name: t.requires_grad_() for name, t in tensors.items() if t is not None}
+    output = problem.call(dk_ops.deform_kernel_conv2d, tensors)
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(1),
+                              dtype=torch.float64)
+    gradients = torch.autograd.grad(output, list(leaves.values()), grad_output,
+                                    create_graph=True)
+    assert_gradients_close(dict(zip(leaves, gradients)), expected)
+
+
 # ----------------------------------------------------------------------------- registration
 def forward_op_args(problem, tensors):
     return (tensors['input'], tensors['weight'], tensors['kernel_offset'],
@@ -222,11 +294,26 @@ def forward_op_args(problem, tensors):
             problem.kernel_offset_groups, problem.deform_groups)
 
 
+def contiguous(name, tensor):
+    return tensor
+
+
+# The fake kernels must give the real kernels' strides for any input layout: compiled graphs
+# are laid out from them. non_contiguous makes input and weight channels-last.
+LAYOUTS = pytest.mark.parametrize('layout', [contiguous, non_contiguous],
+                                  ids=['contiguous', 'non_contiguous'])
+
+
+def laid_out(layout, tensors):
+    return {name: None if t is None else layout(name, t) for name, t in tensors.items()}
+
+
+@LAYOUTS
 @pytest.mark.parametrize('requires_grad', [False, True], ids=['no_grad', 'requires_grad'])
 @by_name(problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'global',
                         'data_offset_mask_dgroups2_groups2'))
-def test_opcheck_forward(problem, requires_grad):
-    tensors = problem.make_inputs(torch.float32)
+def test_opcheck_forward(problem, requires_grad, layout):
+    tensors = laid_out(layout, problem.make_inputs(torch.float32))
     for tensor in tensors.values():
         if tensor is not None:
             tensor.requires_grad_(requires_grad)
@@ -234,11 +321,13 @@ def test_opcheck_forward(problem, requires_grad):
                           forward_op_args(problem, tensors))
 
 
+@LAYOUTS
 @pytest.mark.parametrize('output_mask', [[True] * 5, [False, True, False, True, False]], ids=str)
 @by_name(problems_named('global', 'data_offset_mask_dgroups2_groups2'))
-def test_opcheck_backward(problem, output_mask):
-    tensors = problem.make_inputs(torch.float32)
-    grad_output = torch.randn(problem.batch, problem.out_channels, *problem.output_size)
+def test_opcheck_backward(problem, output_mask, layout):
+    tensors = laid_out(layout, problem.make_inputs(torch.float32))
+    grad_output = layout('grad_output', torch.randn(problem.batch, problem.out_channels,
+                                                    *problem.output_size))
     torch.library.opcheck(torch.ops.dk_ops.deform_kernel_conv2d_backward.default,
                           backward_op_args(problem, tensors, grad_output, output_mask))
 
@@ -247,12 +336,19 @@ def deform_kernel_then_sigmoid(*args, **kwargs):
     return dk_ops.deform_kernel_conv2d(*args, **kwargs).sigmoid()
 
 
-@by_name(problems_named('data_offset_mask_dgroups2_groups2', 'global_data_offset_mask_dgroups2'))
-def test_torch_compile_fullgraph_matches_eager(problem):
+@pytest.mark.filterwarnings('ignore:dynamo_pgo force disabled')
+@LAYOUTS
+@by_name(problems_named('global', 'data_offset_mask_dgroups2_groups2',
+                        'global_data_offset_mask_dgroups2'))
+def test_torch_compile_fullgraph_matches_eager(problem, layout):
     tensors = problem.make_inputs(torch.float32)
     compiled = torch.compile(deform_kernel_then_sigmoid, fullgraph=True)
-    output, gradients = output_and_gradients(problem, compiled, tensors)
-    expected_output, expected = output_and_gradients(problem, deform_kernel_then_sigmoid, tensors)
+    # Inductor's caches key on the graph, not on the fake kernels' Python code: a graph cached
+    # before a change to them would still be laid out by the old ones.
+    with torch._inductor.config.patch(force_disable_caches=True):
+        output, gradients = output_and_gradients(problem, compiled, tensors, view=layout)
+    expected_output, expected = output_and_gradients(problem, deform_kernel_then_sigmoid, tensors,
+                                                     view=layout)
     torch.testing.assert_close(output, expected_output)
     # float32 tolerances: inductor fuses the sigmoid's backward and rounds differently.
     assert_gradients_close(gradients, expected, rtol=1.3e-6, atol=1e-5)

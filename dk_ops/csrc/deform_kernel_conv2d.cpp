@@ -71,9 +71,12 @@ DeformKernelGeometry check_deform_kernel_conv2d_args(
     const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     int64_t kernel_offset_groups, int64_t deform_groups) {
-  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()),
-                   "deform_kernel_conv2d: input must be a floating-point tensor, got dtype ",
-                   input.scalar_type());
+  // The dtypes the kernels compute in; not at::isFloatingType, which admits float8 / float4.
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      "deform_kernel_conv2d: input must be float32, float64, float16 or bfloat16, got dtype ",
+      dtype);
   TORCH_CHECK_VALUE(input.dim() == 4, "deform_kernel_conv2d: input must be 4-D (N, C_in, H, W), got shape ",
                     shape_of(input));
   TORCH_CHECK_VALUE(weight.dim() == 4,
@@ -119,12 +122,18 @@ DeformKernelGeometry check_deform_kernel_conv2d_args(
                     g.scope_w, ") must be at least kernel_size = (", g.kernel_h, ", ", g.kernel_w,
                     ") in each dimension");
 
-  g.out_h = (g.height + 2 * g.pad_h - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
-  g.out_w = (g.width + 2 * g.pad_w - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
-  TORCH_CHECK_VALUE(g.out_h > 0 && g.out_w > 0, "deform_kernel_conv2d: input of shape ",
-                    shape_of(input), " is too small for kernel_size ", kernel_size, ", padding ",
-                    padding, " and dilation ", dilation, " (output would be ", g.out_h, " x ",
-                    g.out_w, ")");
+  // As F.conv2d: the padded input must hold the dilated kernel. (A shortfall smaller than the
+  // stride would otherwise round, towards zero, to an output of one row.)
+  const int64_t padded_h = g.height + 2 * g.pad_h, padded_w = g.width + 2 * g.pad_w;
+  const int64_t spanned_h = g.dilation_h * (g.kernel_h - 1) + 1;
+  const int64_t spanned_w = g.dilation_w * (g.kernel_w - 1) + 1;
+  TORCH_CHECK_VALUE(padded_h >= spanned_h && padded_w >= spanned_w,
+                    "deform_kernel_conv2d: input of shape ", shape_of(input), " is ",
+                    shape_of({padded_h, padded_w}), " with padding ", padding,
+                    ", smaller than the ", shape_of({spanned_h, spanned_w}),
+                    " that kernel_size ", kernel_size, " spans with dilation ", dilation);
+  g.out_h = (padded_h - spanned_h) / g.stride_h + 1;
+  g.out_w = (padded_w - spanned_w) / g.stride_w + 1;
 
   const int64_t kernel_offset_channels = 2 * kernel_offset_groups * g.taps();
   g.global_kernel_offset = kernel_offset.dim() == 2;

@@ -102,6 +102,20 @@ void offset_and_mask_grads(const ColumnKernels& kernels, const ColumnChunk& chun
 bool is_reduced_precision(const Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
+// The dtype sums are kept in: float32 for half / bfloat16, which reach the code below only on
+// CUDA (the CPU computes them in float32 throughout).
+at::ScalarType sum_dtype(const Tensor& t) {
+  return is_reduced_precision(t) ? at::kFloat : t.scalar_type();
+}
+// sum += a @ b. A float32 sum of half / bfloat16 products gets each product rounded once, where
+// a sum in their dtype would round at every addition.
+void add_product(const Tensor& sum, const Tensor& a, const Tensor& b) {
+  if (sum.scalar_type() == a.scalar_type()) {
+    sum.addmm_(a, b);
+  } else {
+    sum.add_(at::mm(a, b));
+  }
+}
 OptionalTensor to_float(const OptionalTensor& t) {
   return t ? OptionalTensor(t->to(at::kFloat)) : std::nullopt;
 }
@@ -109,14 +123,16 @@ OptionalTensor to_float(const OptionalTensor& t) {
 // ------------------------------------------------------------------ global kernel offsets
 
 // Bilinear sampling matrices of global kernel offsets, (N, Gk, taps, S): kernel = A @ scope,
-// and the derivatives of A along the offsets' y and x.
+// and the derivatives of A along the offsets' y and x. In float32 for half / bfloat16 offsets,
+// as the local path's kernels compute coordinates and weights.
 struct GlobalSampling {
   Tensor weight, d_dy, d_dx;
 };
 
 GlobalSampling global_sampling(const DeformKernelGeometry& g, const Tensor& kernel_offset) {
-  const auto options = kernel_offset.options();
-  const auto offset = kernel_offset.reshape({g.batch, g.kernel_offset_groups, g.taps(), 2});
+  const auto offset = kernel_offset.to(sum_dtype(kernel_offset))
+                          .reshape({g.batch, g.kernel_offset_groups, g.taps(), 2});
+  const auto options = offset.options();
   const auto tap = at::arange(g.taps(), options.dtype(at::kLong));
   const auto y = offset.select(3, 0) + (at::div(tap, g.kernel_w, "floor").to(options.dtype()) +
                                         g.scope_origin_h());
@@ -190,7 +206,8 @@ Tensor global_filters(const DeformKernelGeometry& g, const Tensor& weight,
                            weight.options());
   for (const auto& block : scope_blocks(g)) {
     const auto samplings = sampling.weight.select(1, block.kernel_group)  // (N, taps, S)
-                               .reshape({g.batch * g.taps(), g.scope_cells()});
+                               .reshape({g.batch * g.taps(), g.scope_cells()})
+                               .to(weight.scalar_type());
     const auto kernels = at::mm(block_rows(scope, block), samplings.t())  // (R, N * taps)
                              .view({block.out_size, block.in_size, g.batch, g.taps()});
     filters.narrow(1, block.out_begin, block.out_size)
@@ -229,11 +246,15 @@ std::array<Tensor, 3> global_backward(const DeformKernelGeometry& g, const Tenso
   std::array<Tensor, 3> grads;
   if (needed[0]) grads[0] = grad_batch_input.view_as(input);
   if (!need_filters) return grads;
-  // Per block and image: grad scope rows += gK_n @ A_n, grad A_n += gK_n^T @ scope rows.
+  // Per block and image: grad scope rows += gK_n @ A_n, grad A_n += gK_n^T @ scope rows; the
+  // GEMMs in the weight's dtype, the sums (over images, and over the blocks of a kernel offset
+  // group) in sum_dtype, like the sampling matrices.
   const auto grad_kernels = grad_filters.reshape(
       {g.batch, g.out_channels, g.in_channels / g.groups, g.taps()});
   const auto scope = weight.reshape({g.out_channels, g.in_channels / g.groups, g.scope_cells()});
-  Tensor grad_scope = needed[1] ? at::zeros_like(scope) : Tensor();
+  const auto sampling_weight = sampling.weight.to(weight.scalar_type());
+  const auto sums = sampling.weight.options();
+  Tensor grad_scope = needed[1] ? at::zeros(scope.sizes(), sums) : Tensor();
   Tensor grad_sampling = needed[2] ? at::zeros_like(sampling.weight) : Tensor();
   for (const auto& block : scope_blocks(g)) {
     const auto rows = block_rows(scope, block);
@@ -244,24 +265,25 @@ std::array<Tensor, 3> global_backward(const DeformKernelGeometry& g, const Tenso
       grad_block = grad_scope.narrow(0, block.out_begin, block.out_size)
                        .narrow(1, block.in_begin, block.in_size);
       grad_rows_sum = grad_block.is_contiguous() ? grad_block.view({-1, g.scope_cells()})
-                                                 : at::zeros_like(rows);
+                                                 : at::zeros(rows.sizes(), sums);
     }
     for (int64_t n = 0; n < g.batch; ++n) {
       const auto grad_rows = block_rows(grad_kernels[n], block);  // (OC, taps)
-      const auto a = sampling.weight[n][block.kernel_group];       // (taps, S)
-      if (needed[1]) grad_rows_sum.addmm_(grad_rows, a);
-      if (needed[2]) grad_sampling[n][block.kernel_group].addmm_(grad_rows.t(), rows);
+      const auto a = sampling_weight[n][block.kernel_group];       // (taps, S)
+      if (needed[1]) add_product(grad_rows_sum, grad_rows, a);
+      if (needed[2]) add_product(grad_sampling[n][block.kernel_group], grad_rows.t(), rows);
     }
     if (needed[1] && !grad_block.is_contiguous()) {
       grad_block.add_(grad_rows_sum.view(grad_block.sizes()));
     }
   }
-  if (needed[1]) grads[1] = grad_scope.view(weight.sizes());
+  if (needed[1]) grads[1] = grad_scope.view(weight.sizes()).to(weight.scalar_type());
   if (needed[2]) {
     grads[2] = at::stack({(grad_sampling * sampling.d_dy).sum(-1),
                           (grad_sampling * sampling.d_dx).sum(-1)},
                          -1)
-                   .reshape(kernel_offset.sizes());
+                   .reshape(kernel_offset.sizes())
+                   .to(kernel_offset.scalar_type());
   }
   return grads;
 }
@@ -384,8 +406,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
   const bool need_z_grad = need_input || need_kernel_offset || need_data_offset || need_mask;
 
   // Gradients summed over chunks (and, by gather_input_grad, over taps) accumulate in float32
-  // for half / bfloat16, which only CUDA computes as such (the CPU upcasts them above).
-  const auto accumulate_type = is_reduced_precision(input) ? at::kFloat : input.scalar_type();
+  // for half / bfloat16.
+  const auto accumulate_type = sum_dtype(input);
   // grad W'^T of each group, (groups, S*C_in/g, C_out/g): Z^T @ gO ran 15-20% faster than the
   // transposed product gO^T @ Z in MKL (2-core EPYC, c3 scope 4 chunks: 150 vs 125 GFLOP/s).
   Tensor grad_weight_cols =
@@ -406,14 +428,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
       auto z_chunk = z.narrow(0, 0, chunk.count);
       scatter_scope_columns(kernels, chunk, z_chunk);
       for (int64_t group = 0; group < g.groups; ++group) {
-        auto grad_cols = grad_weight_cols[group];
-        const auto z_part = group_part(z_chunk, 1, g.groups, group).t();
-        const auto grad_out_part = group_part(grad_out_chunk, 1, g.groups, group);
-        if (grad_cols.scalar_type() == z.scalar_type()) {
-          grad_cols.addmm_(z_part, grad_out_part);
-        } else {  // a half / bfloat16 GEMM, added to the float32 sum
-          grad_cols.add_(at::mm(z_part, grad_out_part));
-        }
+        add_product(grad_weight_cols[group], group_part(z_chunk, 1, g.groups, group).t(),
+                    group_part(grad_out_chunk, 1, g.groups, group));
       }
     }
     if (!need_z_grad) continue;
