@@ -12,7 +12,8 @@ to its parent, and scope-less code sees the root directly. Config names:
 
 All take mmcv's conv signature ``(in_channels, out_channels, kernel_size, stride=1,
 padding=0, dilation=1, groups=1, bias=False, **dk_options)``. ``scope_size`` defaults to
-``kernel_size + 1`` (a 3x3 kernel sampled from a 4x4 scope).
+``kernel_size + 1`` (a 3x3 kernel sampled from a 4x4 scope), and to 3 along an axis of kernel
+size 1 (see :mod:`dk_ops.modules`).
 
 From scratch, each layer starts as the rigid conv it replaces would: its zero-offset kernel is
 drawn as that conv's weight, at construction and by the init_cfg that would initialise it

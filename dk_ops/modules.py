@@ -18,8 +18,12 @@ from dk_ops.weight_mapping import rigid_to_scope
 
 
 def _default_scope(kernel_size: Tuple[int, int]) -> Tuple[int, int]:
-    # The paper's setting: a 3x3 kernel sampled from a 4x4 scope (and 1x1 from 2x2).
-    return (kernel_size[0] + 1, kernel_size[1] + 1)
+    # The paper's setting: a 3x3 kernel sampled from a 4x4 scope, kernel + 1 in general. Along
+    # an axis of kernel size 1, though, a 2-cell scope puts the tap midway between two cells
+    # that the rigid kernel maps to equal values: the offset gradient (their difference) and
+    # the cells' different gradients are zero, so the layer never leaves its start. 3 cells put
+    # the tap on the middle one, with zero neighbours.
+    return tuple(size + 1 if size > 1 else 3 for size in kernel_size)
 
 
 class _DeformKernelBase(nn.Module):
