@@ -1,12 +1,17 @@
-"""Multi-process training and testing on CPU (gloo) through the ``pytorch`` launcher.
+"""Multi-process and multi-machine training and testing: CPU (gloo) runs, resume, test metrics.
 
 A stock mmdet ``tools/train.py --launcher pytorch`` cannot run without CUDA on mmengine
 0.10.7: its launcher calls ``torch.cuda.set_device`` (absent from CPU builds of torch), and
 the Runner wraps the model in DDP with ``device_ids=[LOCAL_RANK]``, which DDP rejects for a
 module on the CPU. Without CUDA, :func:`setup_cpu_distributed` initialises the gloo process
-group itself from torchrun's environment (the Runner then skips its own ``init_dist``) and
-asks for DDP without device ids. With CUDA it does nothing: NCCL, one GPU per process, as in
-mmdet.
+group itself from torchrun's environment (the Runner then skips its own ``init_dist``),
+asks for DDP without device ids, and has the evaluation results gathered through the process
+group rather than through a shared directory, so that processes on several machines need no
+shared disk. With CUDA it does nothing: NCCL, one GPU per process, as in mmdet.
+
+The other helpers serve every distributed run, CPU or GPU: an automatic ``--resume`` resumes
+every process from rank 0's checkpoint, only the main process writes the test metrics, and
+the process group is destroyed before the interpreter exits.
 """
 import datetime
 import os
@@ -15,8 +20,9 @@ import types
 import torch
 import torch.distributed as dist
 from mmengine.config import Config
-from mmengine.dist import is_main_process
+from mmengine.dist import broadcast_object_list, is_main_process
 from mmengine.hooks import LoggerHook
+from mmengine.runner import find_latest_checkpoint
 
 TORCHRUN_VARIABLES = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
@@ -48,6 +54,57 @@ def setup_cpu_distributed(cfg: Config, launcher: str) -> None:
     # DDP places a CPU module's replica itself; device ids are for one-GPU-per-process only.
     wrapper_cfg['device_ids'] = None
     cfg.model_wrapper_cfg = wrapper_cfg
+
+    # By default mmengine's metrics gather the processes' results through files in
+    # .dist_test/ under the working directory, which processes on machines that share no disk
+    # do not see (rank 1 fails with FileNotFoundError). 'gpu' is mmengine's name for gathering
+    # them through the process group (gloo here); a metric given a collect_dir keeps the files.
+    for evaluator in ('val_evaluator', 'test_evaluator'):
+        for metric in _metric_configs(cfg.get(evaluator)):
+            if metric.get('collect_dir') is None:
+                metric.setdefault('collect_device', 'gpu')
+
+
+def _metric_configs(evaluator) -> list:
+    """The metric configs of an evaluator config, in any form mmengine's Runner takes: one
+    metric, a list of metrics, or an ``Evaluator`` with ``metrics``."""
+    if not evaluator:
+        return []
+    if isinstance(evaluator, dict):
+        evaluator = evaluator.get('metrics', evaluator)
+    return list(evaluator) if isinstance(evaluator, (list, tuple)) else [evaluator]
+
+
+def resume_where_the_main_process_resumes(runner) -> None:
+    """Make ``--resume`` without a checkpoint resume every process from the one rank 0 finds.
+
+    mmengine's automatic resume reads ``last_checkpoint`` in each process's own work dir, but
+    only rank 0 saves checkpoints: on machines that do not share the work dir, the other
+    processes found none, started from iteration 0 with their own weights, and the job failed
+    once rank 0 had finished (seen with two nodes). Every process now resumes from rank 0's
+    checkpoint, which must be at the same path on every machine (or fails to load there).
+    """
+    if not runner.distributed:
+        return
+    checkpoint = [find_latest_checkpoint(runner.work_dir) if is_main_process() else None]
+    broadcast_object_list(checkpoint)
+    # What Runner.load_or_resume reads; mmengine has no public setter for them. Without a
+    # checkpoint on rank 0, no process resumes (not even from a last_checkpoint of its own).
+    if checkpoint[0] is None:
+        runner._resume = False
+    else:
+        runner._load_from = checkpoint[0]
+
+
+def destroy_process_group() -> None:
+    """Destroy the default process group, if any, once the run is over.
+
+    mmengine never does; a gloo process left to the interpreter's exit can abort there
+    ("terminate called without an active exception", SIGABRT: seen once in a two-node test, as
+    in pytorch/pytorch#190489), failing a run that had finished.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def write_test_metrics_on_main_process(runner) -> None:

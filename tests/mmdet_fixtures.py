@@ -1,15 +1,21 @@
-"""Shared pieces of the mmdet tests: a tiny shapes dataset, tiny train configs, test hooks.
+"""Shared pieces of the mmdet tests: a tiny shapes dataset, tiny train configs, test hooks;
+random ImageNet checkpoints in a torch hub cache and a COCO-layout dataset for configs/dk.
 
 The tools' tests run ``tools/train.py`` in subprocesses on configs written here; those
 configs import this module (``custom_imports``) for the hooks below, so it must stay cheap to
 import and the subprocesses get ``tests/`` on ``PYTHONPATH``.
 """
+import glob
 import importlib.util
+import json
 import os
 import os.path as osp
+import pickle
 import signal
+import socket
 import sys
 
+import numpy as np
 import torch
 from mmengine.dist import get_rank, get_world_size
 from mmengine.hooks import Hook
@@ -147,6 +153,66 @@ def tool_environment() -> dict:
     return env
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+# mmdet's CocoMetric names of COCOeval.stats[0:6]
+METRIC_NAMES = ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l')
+
+
+def reported_metrics(work_dir: str) -> dict:
+    """The metrics test.py logged, from the json log of its run."""
+    logs = glob.glob(osp.join(work_dir, '*', '*.json'))
+    assert len(logs) == 1, logs
+    with open(logs[0]) as f:
+        return json.loads(f.read().strip().splitlines()[-1])
+
+
+def coco_stats(annotation_file: str, predictions_pkl: str, classes: tuple, iou_type: str):
+    """COCOeval of test.py's dumped predictions, computed here with pycocotools directly."""
+    # Imported here: the tiny configs import this module, which must stay cheap.
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with open(predictions_pkl, 'rb') as f:
+        predictions = pickle.load(f)
+    ground_truth = COCO(annotation_file)
+    category_ids = ground_truth.getCatIds(catNms=list(classes))
+    detections = []
+    for prediction in predictions:
+        instances = prediction['pred_instances']
+        for index, (box, score, label) in enumerate(
+                zip(instances['bboxes'].tolist(), instances['scores'].tolist(),
+                    instances['labels'].tolist())):
+            detection = dict(image_id=prediction['img_id'], category_id=category_ids[label],
+                             score=score)
+            if iou_type == 'bbox':
+                detection['bbox'] = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+            else:
+                detection['segmentation'] = instances['masks'][index]
+            detections.append(detection)
+    assert detections, 'the model predicted nothing: the comparison would be empty'
+    evaluation = COCOeval(ground_truth, ground_truth.loadRes(detections), iou_type)
+    evaluation.params.maxDets = [100, 300, 1000]  # as mmdet's CocoMetric
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    return evaluation.stats[:6]
+
+
+def assert_metrics_match_pycocotools(metrics: dict, predictions_pkl: str, data_root: str,
+                                     classes: tuple, iou_types) -> None:
+    """What test.py reported equals pycocotools' COCOeval of the predictions it dumped."""
+    annotation_file = osp.join(data_root, 'annotations', 'instances_val.json')
+    for iou_type in iou_types:
+        expected = coco_stats(annotation_file, predictions_pkl, classes, iou_type)
+        reported = [metrics[f'coco/{iou_type}_{name}'] for name in METRIC_NAMES]
+        np.testing.assert_allclose(reported, expected, atol=6e-4)  # mmdet rounds to 3 digits
+
+
 @HOOKS.register_module()
 class KillAfterIterHook(Hook):
     """SIGKILLs its own process after the iteration named by ``DK_TEST_KILL_AFTER_ITER``.
@@ -172,3 +238,112 @@ class SaveRankWeightsHook(Hook):
         model = runner.model.module if hasattr(runner.model, 'module') else runner.model
         path = osp.join(runner.work_dir, f'rank{get_rank()}_of_{get_world_size()}.pth')
         torch.save({'state_dict': model.state_dict(), 'iter': runner.iter}, path)
+
+
+# The ImageNet checkpoints of the configs/dk COCO configs, named by their download URL: torch
+# hub caches each as $TORCH_HOME/hub/checkpoints/<file name of the URL> and reads that file
+# instead of downloading whenever it exists.
+IMAGENET_CHECKPOINT_URLS = {
+    50: 'https://download.pytorch.org/models/resnet50-0676ba61.pth',
+    101: 'https://download.pytorch.org/models/resnet101-63fe2227.pth',
+}
+RESNET_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def torchvision_resnet_state_dict(depth: int, groups: int = 1, width_per_group: int = 64,
+                                  seed: int = 0) -> dict:
+    """Random weights under the keys and shapes of torchvision's ResNet-``depth`` state dict
+    (ResNeXt with ``groups`` and ``width_per_group``), which mmdet's ResNet and ResNeXt share.
+
+    Convs are He-normal and batch norms get random affine parameters and running statistics,
+    so a network in eval mode computes features of a moderate, non-trivial size.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+
+    def conv(name, out_channels, in_channels, kernel_size, groups=1):
+        fan_in = in_channels // groups * kernel_size**2
+        state_dict[name + '.weight'] = torch.randn(
+            out_channels, in_channels // groups, kernel_size, kernel_size,
+            generator=generator) * (2 / fan_in)**0.5
+
+    def batch_norm(name, channels):
+        state_dict[name + '.weight'] = torch.rand(channels, generator=generator) * 0.5 + 0.5
+        state_dict[name + '.bias'] = torch.randn(channels, generator=generator) * 0.1
+        state_dict[name + '.running_mean'] = torch.randn(channels, generator=generator) * 0.1
+        state_dict[name + '.running_var'] = torch.rand(channels, generator=generator) + 0.5
+        state_dict[name + '.num_batches_tracked'] = torch.tensor(0)
+
+    conv('conv1', 64, 3, 7)
+    batch_norm('bn1', 64)
+    in_channels = 64
+    for stage, blocks in enumerate(RESNET_BLOCKS[depth]):
+        planes = 64 * 2**stage
+        width = planes * width_per_group // 64 * groups
+        for block in range(blocks):
+            prefix = f'layer{stage + 1}.{block}.'
+            conv(prefix + 'conv1', width, in_channels, 1)
+            batch_norm(prefix + 'bn1', width)
+            conv(prefix + 'conv2', width, width, 3, groups)
+            batch_norm(prefix + 'bn2', width)
+            conv(prefix + 'conv3', planes * 4, width, 1)
+            batch_norm(prefix + 'bn3', planes * 4)
+            if block == 0:
+                conv(prefix + 'downsample.0', planes * 4, in_channels, 1)
+                batch_norm(prefix + 'downsample.1', planes * 4)
+            in_channels = planes * 4
+    state_dict['fc.weight'] = torch.randn(1000, in_channels, generator=generator) * 0.01
+    state_dict['fc.bias'] = torch.zeros(1000)
+    return state_dict
+
+
+def write_hub_checkpoint(torch_home: str, url: str, state_dict: dict) -> str:
+    """Saves ``state_dict`` where torch hub caches the file of ``url``; returns the path."""
+    path = osp.join(torch_home, 'hub', 'checkpoints', osp.basename(url))
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    torch.save(state_dict, path)
+    return path
+
+
+# COCO numbers its 80 categories from 1 to 90 with these gaps; mmdet's CocoDataset lists the
+# names in the order of the ids.
+COCO_UNUSED_CATEGORY_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+
+
+def make_coco_layout_dataset(root: str, num_train: int = 4, num_val: int = 2,
+                             image_size=(128, 96), seed: int = 0) -> None:
+    """A few images of filled rectangles laid out as COCO 2017, with COCO's categories.
+
+    Writes ``annotations/instances_{train,val}2017.json`` and ``{train,val}2017/*.png`` under
+    ``root``; every object is a box with its polygon mask, labelled with one of COCO's
+    categories, so mmdet's ``CocoDataset`` keeps every annotation.
+    """
+    # Imported here: the tiny configs import this module, which must stay cheap.
+    import cv2
+    from mmdet.datasets import CocoDataset
+
+    category_ids = [i for i in range(1, 91) if i not in COCO_UNUSED_CATEGORY_IDS]
+    categories = [dict(id=category_id, name=name) for category_id, name in zip(
+        category_ids, CocoDataset.METAINFO['classes'], strict=True)]
+    rng = np.random.default_rng(seed)
+    width, height = image_size
+    os.makedirs(osp.join(root, 'annotations'), exist_ok=True)
+    for split, num_images in (('train2017', num_train), ('val2017', num_val)):
+        os.makedirs(osp.join(root, split), exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(1, num_images + 1):
+            image = np.full((height, width, 3), 127, np.uint8)
+            for _ in range(int(rng.integers(1, 4))):
+                w, h = (int(v) for v in rng.integers(16, 48, size=2))
+                x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+                image[y:y + h, x:x + w] = rng.integers(0, 256, size=3)
+                annotations.append(dict(
+                    id=len(annotations) + 1, image_id=image_id,
+                    category_id=int(rng.choice(category_ids)), bbox=[x, y, w, h],
+                    area=w * h, iscrowd=0,
+                    segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]]))
+            file_name = f'{image_id:012d}.png'
+            cv2.imwrite(osp.join(root, split, file_name), image)
+            images.append(dict(id=image_id, file_name=file_name, width=width, height=height))
+        with open(osp.join(root, 'annotations', f'instances_{split}.json'), 'w') as f:
+            json.dump(dict(images=images, annotations=annotations, categories=categories), f)

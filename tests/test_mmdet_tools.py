@@ -10,31 +10,26 @@ import os.path as osp
 import pickle
 import runpy
 import signal
-import socket
 import subprocess
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 from mmdet.registry import MODELS
 from mmengine.hooks import LoggerHook
 from mmengine.registry import DefaultScope
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 import dk_mmdet.distributed as distributed
 from dk_mmdet.checkpoints import CHECKPOINT_SAFE_GLOBALS, setup_checkpoint_serialization
 from dk_mmdet.config_loading import load_config
-from mmdet_fixtures import (KILL_AFTER_ITER_ENV, REPO_ROOT, TOOLS_DIR, make_shapes_dataset,
-                            tool_environment, write_tiny_config)
+from mmdet_fixtures import (KILL_AFTER_ITER_ENV, METRIC_NAMES, REPO_ROOT, TOOLS_DIR,
+                            assert_metrics_match_pycocotools, free_port, make_shapes_dataset,
+                            reported_metrics, tool_environment, write_tiny_config)
 
 TRAIN = osp.join(TOOLS_DIR, 'train.py')
 TEST = osp.join(TOOLS_DIR, 'test.py')
 MAX_ITERS = 4
-# mmdet's CocoMetric names of COCOeval.stats[0:6]
-METRIC_NAMES = ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l')
 
 
 def run(command, env=None, expect_success=True):
@@ -49,12 +44,6 @@ def run(command, env=None, expect_success=True):
 def train(config, work_dir, data_root, *extra, env=None, expect_success=True):
     return run([sys.executable, TRAIN, config, '--work-dir', work_dir, '--cfg-options',
                 f'data_root={data_root}', *extra], env=env, expect_success=expect_success)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
@@ -101,52 +90,12 @@ def assert_same_training_state(checkpoint_path, reference_path):
         assert torch.equal(state['momentum_buffer'], momentum)
 
 
-def reported_metrics(work_dir):
-    """The metrics test.py logged, from the json log of its run."""
-    logs = glob.glob(osp.join(work_dir, '*', '*.json'))
-    assert len(logs) == 1, logs
-    with open(logs[0]) as f:
-        return json.loads(f.read().strip().splitlines()[-1])
-
-
-def coco_stats(annotation_file, predictions_pkl, classes, iou_type):
-    """COCOeval of test.py's dumped predictions, computed here with pycocotools directly."""
-    with open(predictions_pkl, 'rb') as f:
-        predictions = pickle.load(f)
-    ground_truth = COCO(annotation_file)
-    category_ids = ground_truth.getCatIds(catNms=list(classes))
-    detections = []
-    for prediction in predictions:
-        instances = prediction['pred_instances']
-        for index, (box, score, label) in enumerate(
-                zip(instances['bboxes'].tolist(), instances['scores'].tolist(),
-                    instances['labels'].tolist())):
-            detection = dict(image_id=prediction['img_id'], category_id=category_ids[label],
-                             score=score)
-            if iou_type == 'bbox':
-                detection['bbox'] = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
-            else:
-                detection['segmentation'] = instances['masks'][index]
-            detections.append(detection)
-    assert detections, 'the model predicted nothing: the comparison would be empty'
-    evaluation = COCOeval(ground_truth, ground_truth.loadRes(detections), iou_type)
-    evaluation.params.maxDets = [100, 300, 1000]  # as mmdet's CocoMetric
-    evaluation.evaluate()
-    evaluation.accumulate()
-    evaluation.summarize()
-    return evaluation.stats[:6]
-
-
 def evaluate_checkpoint(config, checkpoint, data_root, classes, work_dir, iou_types):
     predictions = osp.join(work_dir, 'predictions.pkl')
     run([sys.executable, TEST, config, checkpoint, '--work-dir', work_dir, '--out', predictions,
          '--cfg-options', f'data_root={data_root}'])
     metrics = reported_metrics(work_dir)
-    annotation_file = osp.join(data_root, 'annotations', 'instances_val.json')
-    for iou_type in iou_types:
-        expected = coco_stats(annotation_file, predictions, classes, iou_type)
-        reported = [metrics[f'coco/{iou_type}_{name}'] for name in METRIC_NAMES]
-        np.testing.assert_allclose(reported, expected, atol=6e-4)  # mmdet rounds to 3 digits
+    assert_metrics_match_pycocotools(metrics, predictions, data_root, classes, iou_types)
     return metrics
 
 

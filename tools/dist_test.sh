@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Test a checkpoint with one process per GPU (NCCL), or NPROC CPU processes (gloo) without CUDA.
+# Test a checkpoint with one process per GPU (NCCL), or GPUS CPU processes (gloo) without CUDA.
 # Usage: tools/dist_test.sh CONFIG CHECKPOINT GPUS [tools/test.py arguments]
-# Environment: NNODES, NODE_RANK, MASTER_ADDR, PORT for multi-node runs; PYTHON for the interpreter.
+#   GPUS: the processes on this machine. Environment: PYTHON, the interpreter (python).
+# Several machines: as tools/dist_train.sh (NNODES, NODE_RANK, MASTER_ADDR, PORT), with the
+# checkpoint, data and config at the same paths on every machine. Each process tests its share
+# of the images; rank 0 gathers the results, then reports the metrics and writes --out. Without
+# CUDA they travel through gloo. On GPUs mmengine gathers them through files in .dist_test/
+# under the working directory, which the machines must then share, unless the metric is told
+# to use NCCL: --cfg-options test_evaluator.collect_device=gpu.
 set -e
 if [ $# -lt 3 ]; then
     echo "usage: $0 CONFIG CHECKPOINT GPUS [test.py arguments]" >&2

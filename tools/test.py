@@ -2,7 +2,8 @@
 
 Additions to mmdet's script are those of ``tools/train.py``: multi-process CPU runs (gloo),
 loading of this project's checkpoints under torch >= 2.6, ``--cfg-options data_root=DIR``,
-and a readable error for a ``dcn`` on a BasicBlock ResNet.
+and a readable error for a ``dcn`` on a BasicBlock ResNet; and ``--out`` gathers the
+predictions from the processes the way the metrics do.
 """
 import argparse
 import importlib.util
@@ -20,7 +21,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 from dk_mmdet.checkpoints import setup_checkpoint_serialization  # noqa: E402
 from dk_mmdet.config_loading import load_config  # noqa: E402
-from dk_mmdet.distributed import (setup_cpu_distributed,  # noqa: E402
+from dk_mmdet.distributed import (destroy_process_group, setup_cpu_distributed,  # noqa: E402
                                   write_test_metrics_on_main_process)
 
 
@@ -94,9 +95,15 @@ def main():
 
     if args.out is not None:
         from mmdet.evaluation import DumpDetResults
-        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+        # Gathered from the processes as the config's metric gathers its results (mmdet's
+        # script always used files in .dist_test/, which machines sharing no disk do not see).
+        metric = runner.test_evaluator.metrics[0]
+        runner.test_evaluator.metrics.append(DumpDetResults(
+            out_file_path=args.out, collect_device=metric.collect_device,
+            collect_dir=metric.collect_dir))
 
     runner.test()
+    destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -1,8 +1,10 @@
 """Train a detector: mmdet's ``tools/train.py`` command line, with the DK layers available.
 
 Additions to mmdet's script: multi-process CPU runs (gloo) under ``--launcher pytorch``,
-loading of this project's checkpoints under torch >= 2.6, ``--cfg-options data_root=DIR``
-that moves every dataset path, and a readable error for a ``dcn`` on a BasicBlock ResNet.
+``--resume`` without a path resuming every process from the checkpoint rank 0 finds (not each
+from its own work dir), loading of this project's checkpoints under torch >= 2.6,
+``--cfg-options data_root=DIR`` that moves every dataset path, and a readable error for a
+``dcn`` on a BasicBlock ResNet.
 """
 import argparse
 import importlib.util
@@ -20,7 +22,8 @@ from mmengine.runner import Runner  # noqa: E402
 
 from dk_mmdet.checkpoints import setup_checkpoint_serialization  # noqa: E402
 from dk_mmdet.config_loading import load_config  # noqa: E402
-from dk_mmdet.distributed import setup_cpu_distributed  # noqa: E402
+from dk_mmdet.distributed import (destroy_process_group,  # noqa: E402
+                                  resume_where_the_main_process_resumes, setup_cpu_distributed)
 
 
 def parse_args():
@@ -83,7 +86,10 @@ def main():
         runner = RUNNERS.build(cfg)
     else:
         runner = Runner.from_cfg(cfg)
+    if args.resume == 'auto':
+        resume_where_the_main_process_resumes(runner)
     runner.train()
+    destroy_process_group()
 
 
 if __name__ == '__main__':
