@@ -6,7 +6,8 @@ VPY    := $(VENV)/bin/python
 PIP    := $(VPY) -m pip
 
 # Pinned stack (see README): mmdet 3.3.0 refuses mmcv >= 2.2, and mmcv 2.1.0 has no wheel for
-# torch 2.13, so it is built from source against the installed torch (about 6 minutes on 2 cores).
+# torch 2.13, so it is built from source against the installed torch, the longest step of the
+# set-up (the whole environment took about 20 minutes on 2 cores; pip caches the mmcv wheel).
 TORCH_VERSION    := 2.13.0
 MMCV_VERSION     := 2.1.0
 MMENGINE_VERSION := 0.10.7

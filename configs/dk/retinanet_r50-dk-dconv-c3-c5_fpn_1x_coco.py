@@ -1,0 +1,12 @@
+# The 3x3 conv2 of every Bottleneck in stages c3-c5 becomes local Deformable Kernels combined
+# with DCN data offsets.
+_base_ = './retinanet_r50_fpn_1x_coco.py'
+model = dict(
+    backbone=dict(
+        dcn=dict(
+            type='DKDCN',
+            scope_size=4,
+            kernel_offset_groups=1,
+            deform_groups=1,
+            fallback_on_stride=False),
+        stage_with_dcn=(False, True, True, True)))
