@@ -27,7 +27,7 @@ $(VENV)/.stack-installed:
 	$(PIP) install "setuptools<70" wheel ninja psutil
 	$(PIP) install --no-build-isolation "mmcv==$(MMCV_VERSION)"
 	$(PIP) install "mmengine==$(MMENGINE_VERSION)" "mmdet==$(MMDET_VERSION)" pycocotools pytest \
-		scikit-learn  # scikit-learn: t-SNE in tools/analysis_tools/tsne.py
+		scikit-learn "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.31.1"  # t-SNE, ONNX
 	touch $@
 
 build: $(VENV)/.dk-built
