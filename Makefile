@@ -15,7 +15,7 @@ MMDET_VERSION    := 3.3.0
 
 EXT_SOURCES := setup.py $(shell find dk_ops/csrc -type f 2>/dev/null)
 
-.PHONY: env build test demo compare bench cuda-check clean
+.PHONY: env build test demo compare cuda-check clean
 
 env: $(VENV)/.stack-installed
 
@@ -70,12 +70,15 @@ compare: build $(SHAPES_DATA)
 # for sm_80 and sm_90 against a CUDA build of torch in its own venv (the math-library headers
 # that ATen's CUDA headers include come from its nvidia wheels; /usr/local/cuda has only the
 # compiler), in build/cuda-check so the CPU build stays as it is, then loads the library and
-# checks that the CUDA kernels are registered.
-CUDA_VENV          ?= .venv-cuda
-CUDA_TORCH_VERSION := 2.14.1
-CUDA_HOME          ?= /usr/local/cuda
-CUDA_ARCHS         := 8.0;9.0
-CUDA_CHECK_DIR     := build/cuda-check
+# checks that the CUDA kernels are registered. That venv also runs the GPU benchmark's test on
+# the CPU (tests/test_benchmark_backbone.py): torchvision's wheels are CUDA builds, which import
+# only beside a CUDA build of torch, and the CPU venv cannot have them.
+CUDA_VENV                ?= .venv-cuda
+CUDA_TORCH_VERSION       := 2.14.1
+CUDA_TORCHVISION_VERSION := 0.29.1
+CUDA_HOME                ?= /usr/local/cuda
+CUDA_ARCHS               := 8.0;9.0
+CUDA_CHECK_DIR           := build/cuda-check
 
 # The CUDA build of torch and its nvidia wheels take about 5.5 GB installed: say so up front
 # rather than fail inside pip with "No space left on device".
@@ -89,11 +92,22 @@ $(CUDA_VENV)/.stack-installed:
 	$(CUDA_VENV)/bin/python -m pip install "torch==$(CUDA_TORCH_VERSION)" ninja numpy wheel
 	touch $@
 
-cuda-check: $(CUDA_VENV)/.stack-installed
+# A stamp of its own, so that a venv made before the benchmark test gets them too.
+$(CUDA_VENV)/.test-stack-installed: $(CUDA_VENV)/.stack-installed
+	$(CUDA_VENV)/bin/python -m pip install "torch==$(CUDA_TORCH_VERSION)" \
+		"torchvision==$(CUDA_TORCHVISION_VERSION)" pytest
+	touch $@
+
+# `setup.py build` puts the Python packages beside the extension, so that `import dk_ops` works
+# from $(CUDA_CHECK_DIR)/lib. --force hands every build to ninja, which recompiles what changed,
+# headers included (setuptools alone looks at the .cpp and .cu files only and would skip it).
+# The test runs through bin/pytest: `python -m pytest` would put the working directory first
+# on sys.path, and with it the CPU venv's dk_ops, built for another torch.
+cuda-check: $(CUDA_VENV)/.test-stack-installed
 	CUDA_HOME=$(CUDA_HOME) PATH="$(CUDA_HOME)/bin:$$PATH" \
 	CPATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')" \
 	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 \
-	$(CUDA_VENV)/bin/python setup.py build_ext --build-temp $(CUDA_CHECK_DIR)/temp \
+	$(CUDA_VENV)/bin/python setup.py build --force --build-temp $(CUDA_CHECK_DIR)/temp \
 		--build-lib $(CUDA_CHECK_DIR)/lib
 	$(CUDA_VENV)/bin/python -c 'import glob, torch; \
 	torch.ops.load_library(glob.glob("$(CUDA_CHECK_DIR)/lib/dk_ops/_C*.so")[0]); \
@@ -103,6 +117,8 @@ cuda-check: $(CUDA_VENV)/.stack-installed
 	           for key in keys if not has("dk_ops::" + op, key)]; \
 	assert not missing, f"kernels not registered: {missing}"; \
 	print("cuda-check: dk_ops CUDA kernels built for sm_80, sm_90 and registered")'
+	PYTHONPATH=$(CUDA_CHECK_DIR)/lib $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider -rs \
+		tests/test_benchmark_backbone.py
 
 clean:
 	rm -rf build dk_ops/_C*.so *.egg-info $(VENV)/.dk-built

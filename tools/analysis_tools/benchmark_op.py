@@ -9,6 +9,7 @@ processes on a shared machine hits them alike and the ratios stay fair:
     python tools/analysis_tools/benchmark_op.py [--batch 2] [--repeats 5] [--device cpu]
                                                 [--stages c3 c4 c5]
     python tools/analysis_tools/benchmark_op.py --device cuda --dtype float16 --batch 8
+    python tools/analysis_tools/benchmark_op.py --shrink 8 --repeats 1   # a quick check on a CPU
 """
 import argparse
 import statistics
@@ -110,7 +111,16 @@ def main():
     parser.add_argument('--stages', nargs='+', default=list(STAGES), choices=list(STAGES))
     parser.add_argument('--tf32', action='store_true',
                         help='let float32 GEMMs (the op\'s) use TF32, as cuDNN convs do by default')
+    parser.add_argument('--shrink', type=int, default=1,
+                        help='divide the channels and the size of each stage by this')
     args = parser.parse_args()
+    if args.shrink < 1:
+        parser.error(f'--shrink {args.shrink} must be at least 1')
+    shapes = [(channels // args.shrink, size // args.shrink)
+              for channels, size in (STAGES[stage] for stage in args.stages)]
+    if min(min(shape) for shape in shapes) < 1:
+        parser.error(f'--shrink {args.shrink} leaves a stage of {args.stages} without channels '
+                     f'or pixels: (channels, size) {shapes}')
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32 or torch.backends.cuda.matmul.allow_tf32
     where = (f'{torch.cuda.get_device_name(device)}, TF32 in cuDNN convs '
@@ -120,7 +130,7 @@ def main():
           f' torch={torch.__version__}')
     print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d |')
     print('|---|---|---|---|')
-    for channels, size in (STAGES[stage] for stage in args.stages):
+    for channels, size in shapes:
         names, steps = zip(*cases(channels, size, args.batch, device, dtype))
         seconds = median_times(steps, device, args.repeats)
         for name, time_ in zip(names, seconds):
