@@ -30,13 +30,17 @@ KILL_AFTER_ITER_ENV = 'DK_TEST_KILL_AFTER_ITER'
 IMAGE_SIZE = 64
 
 
-def load_make_shapes():
-    """tools/data/make_shapes.py as a module (tools/ is not an installed package)."""
-    path = osp.join(TOOLS_DIR, 'data', 'make_shapes.py')
-    spec = importlib.util.spec_from_file_location('make_shapes', path)
+def load_tool(relative_path: str, module_name: str):
+    """A script under tools/ as a module (tools/ is not an installed package)."""
+    spec = importlib.util.spec_from_file_location(module_name, osp.join(TOOLS_DIR, relative_path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_make_shapes():
+    """tools/data/make_shapes.py as a module."""
+    return load_tool(osp.join('data', 'make_shapes.py'), 'make_shapes')
 
 
 def make_shapes_dataset(out_dir: str, num_train: int = 4, num_val: int = 2) -> tuple:

@@ -10,7 +10,6 @@ Truth is the PyTorch op (its kernels are tested against the float64 reference el
   the backbone and neck of configs/dk's DK ResNet-50-FPN traced at 800x1333.
 """
 import dataclasses
-import importlib.util
 import os.path as osp
 
 import numpy as np
@@ -26,19 +25,14 @@ from dk_mmdet.config_loading import load_config
 from dk_ops.export import ONNX_OPSET, deform_kernel_conv2d_decomposition, export_onnx
 from dk_ops.modules import OffsetConv2d, OffsetLinear
 from dk_reference import DCN_PROBLEMS, PROBLEMS
-from mmdet_fixtures import CONFIG_DIR, TOOLS_DIR
+from mmdet_fixtures import CONFIG_DIR, load_tool
 
 ONNX_RELATIVE_TOLERANCE = 1e-4
 DK_R50_CONFIG = osp.join(CONFIG_DIR, 'faster-rcnn_r50-dk-c3-c5_fpn_1x_coco.py')
 
 
 def load_export_tool():
-    """tools/deployment/export_onnx.py as a module (tools/ is not an installed package)."""
-    path = osp.join(TOOLS_DIR, 'deployment', 'export_onnx.py')
-    spec = importlib.util.spec_from_file_location('export_onnx_tool', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(osp.join('deployment', 'export_onnx.py'), 'export_onnx_tool')
 
 
 def by_name(problems):

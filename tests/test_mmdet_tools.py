@@ -24,8 +24,8 @@ import dk_mmdet.distributed as distributed
 from dk_mmdet.checkpoints import CHECKPOINT_SAFE_GLOBALS, setup_checkpoint_serialization
 from dk_mmdet.config_loading import load_config
 from mmdet_fixtures import (KILL_AFTER_ITER_ENV, METRIC_NAMES, REPO_ROOT, TOOLS_DIR,
-                            assert_metrics_match_pycocotools, free_port, make_shapes_dataset,
-                            reported_metrics, tool_environment, write_tiny_config)
+                            assert_metrics_match_pycocotools, free_port, reported_metrics,
+                            tool_environment, write_tiny_config)
 
 TRAIN = osp.join(TOOLS_DIR, 'train.py')
 TEST = osp.join(TOOLS_DIR, 'test.py')
@@ -44,13 +44,6 @@ def run(command, env=None, expect_success=True):
 def train(config, work_dir, data_root, *extra, env=None, expect_success=True):
     return run([sys.executable, TRAIN, config, '--work-dir', work_dir, '--cfg-options',
                 f'data_root={data_root}', *extra], env=env, expect_success=expect_success)
-
-
-@pytest.fixture(scope='module')
-def shapes(tmp_path_factory):
-    """(data root, class names) of a 4-train, 2-val image shapes dataset."""
-    root = str(tmp_path_factory.mktemp('shapes'))
-    return root, make_shapes_dataset(root)
 
 
 @pytest.fixture(scope='module')

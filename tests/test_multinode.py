@@ -20,8 +20,7 @@ import torch
 
 from dk_mmdet.checkpoints import setup_checkpoint_serialization
 from mmdet_fixtures import (TOOLS_DIR, assert_metrics_match_pycocotools, free_port,
-                            make_shapes_dataset, reported_metrics, tool_environment,
-                            write_tiny_config)
+                            reported_metrics, tool_environment, write_tiny_config)
 
 MAX_ITERS = 2
 NODE_TIMEOUT_S = 300
@@ -86,13 +85,6 @@ def node_dirs(parent):
     for directory in dirs:
         os.makedirs(directory)
     return dirs
-
-
-@pytest.fixture(scope='module')
-def shapes(tmp_path_factory):
-    """(data root, class names) of a 4-train, 2-val image shapes dataset."""
-    root = str(tmp_path_factory.mktemp('shapes'))
-    return root, make_shapes_dataset(root)
 
 
 @pytest.fixture(scope='module')
