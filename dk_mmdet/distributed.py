@@ -11,10 +11,12 @@ shared disk. With CUDA it does nothing: NCCL, one GPU per process, as in mmdet.
 
 The other helpers serve every distributed run, CPU or GPU: an automatic ``--resume`` resumes
 every process from rank 0's checkpoint, only the main process writes the test metrics, and
-the process group is destroyed before the interpreter exits.
+:func:`end_distributed_run` ends a finished run without the gloo abort at exit.
 """
 import datetime
+import logging
 import os
+import sys
 import types
 
 import torch
@@ -96,15 +98,27 @@ def resume_where_the_main_process_resumes(runner) -> None:
         runner._load_from = checkpoint[0]
 
 
-def destroy_process_group() -> None:
-    """Destroy the default process group, if any, once the run is over.
+def end_distributed_run() -> None:
+    """End a finished run's process group; call it last.
 
-    mmengine never does; a gloo process left to the interpreter's exit can abort there
-    ("terminate called without an active exception", SIGABRT: seen once in a two-node test, as
-    in pytorch/pytorch#190489), failing a run that had finished.
+    mmengine never does. A gloo process whose group is torn down by C++ destructors, at
+    ``destroy_process_group`` or at the interpreter's exit, can abort there ("terminate called
+    without an active exception", SIGABRT; pytorch/pytorch#190489) when another process, the
+    one hosting the rendezvous store among them, has already gone: seen in two-node CPU tests,
+    also after an explicit ``destroy_process_group``. So on gloo every process waits for the
+    others at a barrier, flushes its logs and leaves without running destructors. NCCL groups
+    are destroyed as PyTorch asks.
     """
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() != 'gloo':
         dist.destroy_process_group()
+        return
+    dist.barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def write_test_metrics_on_main_process(runner) -> None:

@@ -21,7 +21,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 from dk_mmdet.checkpoints import setup_checkpoint_serialization  # noqa: E402
 from dk_mmdet.config_loading import load_config  # noqa: E402
-from dk_mmdet.distributed import (destroy_process_group, setup_cpu_distributed,  # noqa: E402
+from dk_mmdet.distributed import (end_distributed_run, setup_cpu_distributed,  # noqa: E402
                                   write_test_metrics_on_main_process)
 
 
@@ -103,7 +103,7 @@ def main():
             collect_dir=metric.collect_dir))
 
     runner.test()
-    destroy_process_group()
+    end_distributed_run()
 
 
 if __name__ == '__main__':

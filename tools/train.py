@@ -22,7 +22,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 from dk_mmdet.checkpoints import setup_checkpoint_serialization  # noqa: E402
 from dk_mmdet.config_loading import load_config  # noqa: E402
-from dk_mmdet.distributed import (destroy_process_group,  # noqa: E402
+from dk_mmdet.distributed import (end_distributed_run,  # noqa: E402
                                   resume_where_the_main_process_resumes, setup_cpu_distributed)
 
 
@@ -89,7 +89,7 @@ def main():
     if args.resume == 'auto':
         resume_where_the_main_process_resumes(runner)
     runner.train()
-    destroy_process_group()
+    end_distributed_run()
 
 
 if __name__ == '__main__':
