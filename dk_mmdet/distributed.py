@@ -10,7 +10,8 @@ group rather than through a shared directory, so that processes on several machi
 shared disk. With CUDA it does nothing: NCCL, one GPU per process, as in mmdet.
 
 The other helpers serve every distributed run, CPU or GPU: an automatic ``--resume`` resumes
-every process from rank 0's checkpoint, only the main process writes the test metrics, and
+every process from rank 0's checkpoint (or, with none yet, starts from the config's
+``load_from``), only the main process writes the test metrics, and
 :func:`end_distributed_run` ends a finished run without the gloo abort at exit.
 """
 import datetime
@@ -77,25 +78,33 @@ def _metric_configs(evaluator) -> list:
     return list(evaluator) if isinstance(evaluator, (list, tuple)) else [evaluator]
 
 
-def resume_where_the_main_process_resumes(runner) -> None:
-    """Make ``--resume`` without a checkpoint resume every process from the one rank 0 finds.
+def resume_or_start_from(runner, start_from=None) -> None:
+    """``--resume`` without a path: resume from the latest checkpoint of rank 0's work dir, or,
+    where there is none, start as the config says, from ``start_from`` (its ``load_from``).
 
-    mmengine's automatic resume reads ``last_checkpoint`` in each process's own work dir, but
-    only rank 0 saves checkpoints: on machines that do not share the work dir, the other
+    mmdet's ``tools/train.py`` sets ``load_from = None`` for an automatic resume, so a
+    fine-tuning run started with ``--resume`` silently trained from scratch; and with
+    ``load_from`` kept, mmengine would *resume* from it (its iteration and optimizer state)
+    instead of loading its weights.
+    mmengine's automatic resume also reads ``last_checkpoint`` in each process's own work dir,
+    but only rank 0 saves checkpoints: on machines that do not share the work dir, the other
     processes found none, started from iteration 0 with their own weights, and the job failed
     once rank 0 had finished (seen with two nodes). Every process now resumes from rank 0's
     checkpoint, which must be at the same path on every machine (or fails to load there).
     """
-    if not runner.distributed:
-        return
-    checkpoint = [find_latest_checkpoint(runner.work_dir) if is_main_process() else None]
-    broadcast_object_list(checkpoint)
-    # What Runner.load_or_resume reads; mmengine has no public setter for them. Without a
-    # checkpoint on rank 0, no process resumes (not even from a last_checkpoint of its own).
-    if checkpoint[0] is None:
-        runner._resume = False
+    if runner.distributed:
+        latest = [find_latest_checkpoint(runner.work_dir) if is_main_process() else None]
+        broadcast_object_list(latest)
+        latest = latest[0]
     else:
-        runner._load_from = checkpoint[0]
+        latest = find_latest_checkpoint(runner.work_dir)
+    # What Runner.load_or_resume reads; mmengine has no public setter for them.
+    if latest is None:
+        runner._resume = False
+        runner._load_from = start_from
+    else:
+        runner._resume = True
+        runner._load_from = latest
 
 
 def end_distributed_run() -> None:

@@ -139,6 +139,18 @@ def test_resume_after_kill_matches_an_uninterrupted_run(shapes, configs, faster_
                                osp.join(faster_run, f'iter_{MAX_ITERS}.pth'))
 
 
+def test_resumable_fine_tuning_starts_from_load_from(shapes, configs, faster_run, tmp_path):
+    """``--resume`` with nothing to resume starts from the config's load_from (mmdet's script
+    dropped it and trained from scratch); once stopped, the run resumes its own checkpoint."""
+    start = 'load_from=' + osp.join(faster_run, f'iter_{MAX_ITERS}.pth')
+    uninterrupted, stopped = str(tmp_path / 'uninterrupted'), str(tmp_path / 'stopped')
+    train(configs['faster'], uninterrupted, shapes[0], start)
+    train(configs['faster'], stopped, shapes[0], start, 'train_cfg.max_iters=2', '--resume')
+    train(configs['faster'], stopped, shapes[0], start, '--resume')
+    assert_same_training_state(osp.join(stopped, f'iter_{MAX_ITERS}.pth'),
+                               osp.join(uninterrupted, f'iter_{MAX_ITERS}.pth'))
+
+
 def test_only_the_main_process_writes_the_test_metrics_file(monkeypatch, tmp_path):
     # mmengine's LoggerHook dumps the test metrics on every rank into one file; the ranks'
     # writes raced in a 2-process run and left a corrupt file. Other ranks only log them now.

@@ -2,7 +2,8 @@
 
 Additions to mmdet's script: multi-process CPU runs (gloo) under ``--launcher pytorch``,
 ``--resume`` without a path resuming every process from the checkpoint rank 0 finds (not each
-from its own work dir), loading of this project's checkpoints under torch >= 2.6,
+from its own work dir) and, where there is none yet, starting from the config's ``load_from``
+(mmdet's script drops it), loading of this project's checkpoints under torch >= 2.6,
 ``--cfg-options data_root=DIR`` that moves every dataset path, and a readable error for a
 ``dcn`` on a BasicBlock ResNet.
 """
@@ -23,7 +24,7 @@ from mmengine.runner import Runner  # noqa: E402
 from dk_mmdet.checkpoints import setup_checkpoint_serialization  # noqa: E402
 from dk_mmdet.config_loading import load_config  # noqa: E402
 from dk_mmdet.distributed import (end_distributed_run,  # noqa: E402
-                                  resume_where_the_main_process_resumes, setup_cpu_distributed)
+                                  resume_or_start_from, setup_cpu_distributed)
 
 
 def parse_args():
@@ -73,6 +74,7 @@ def main():
                                'base_batch_size=...) in the config')
         cfg.auto_scale_lr.enable = True
 
+    start_from = cfg.get('load_from')  # the weights to start from when nothing is resumed
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
@@ -87,7 +89,7 @@ def main():
     else:
         runner = Runner.from_cfg(cfg)
     if args.resume == 'auto':
-        resume_where_the_main_process_resumes(runner)
+        resume_or_start_from(runner, start_from)
     runner.train()
     end_distributed_run()
 
