@@ -42,14 +42,14 @@ test: build
 	$(VPY) -m pytest -q tests
 
 # The quickstart on the synthetic shapes data (configs/shapes): `make demo` trains and tests
-# the local-DK Faster R-CNN and prints its COCO table; `make compare` runs every variant of
-# both detectors, also on the wider-deformation test_hard split (tools/run_compare.sh), and
-# reuses the demo's model (same work_dir). Both skip the steps that finished (delete the
-# work_dir to start over) and resume an interrupted training.
+# the local-DK Faster R-CNN and prints its COCO table; `make compare` runs the seeded study of
+# every variant (tools/run_study.py: fine-tuning from a rigid stage-1 model and from scratch,
+# three seeds, val and the wider-deformation test_hard split; docs/shapes.md). Both skip the
+# steps that finished (delete the work_dir to start over) and resume an interrupted training.
 SHAPES_DIR     := data/shapes
 SHAPES_DATA    := $(SHAPES_DIR)/annotations/instances_test_hard.json
 DEMO_CONFIG    := configs/shapes/faster-rcnn_r50-dk-c3-c5_fpn_shapes.py
-DEMO_WORK_DIR  := work_dirs/compare/faster-rcnn_r50-dk-c3-c5_fpn_shapes
+DEMO_WORK_DIR  := work_dirs/demo/faster-rcnn_r50-dk-c3-c5_fpn_shapes
 
 $(SHAPES_DATA): tools/data/make_shapes.py | build
 	$(VPY) tools/data/make_shapes.py --out $(SHAPES_DIR) --num-train 400 --num-val 100 \
@@ -64,7 +64,7 @@ demo: build $(SHAPES_DATA)
 		--out $(DEMO_WORK_DIR)/results.md --csv $(DEMO_WORK_DIR)/results.csv
 
 compare: build $(SHAPES_DATA)
-	PYTHON=$(VPY) tools/run_compare.sh work_dirs/compare
+	$(VPY) tools/run_study.py --root work_dirs/study
 
 # Compile check of the CUDA kernels on machines without a GPU: builds the extension with nvcc
 # for sm_80 and sm_90 against a CUDA build of torch in its own venv (the math-library headers

@@ -71,7 +71,7 @@ test_dataloader = dict(
         pipeline=test_pipeline))
 test_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 # No evaluation during training: tools/test.py evaluates the final checkpoint, on the val split
-# or (see tools/run_compare.sh) on test_hard.
+# or (see tools/run_study.py) on test_hard.
 val_dataloader = None
 val_evaluator = None
 val_cfg = None

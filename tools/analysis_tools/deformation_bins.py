@@ -54,7 +54,7 @@ class Bin:
 
 def _existing_path(path: str) -> str:
     """A path from a config: as it is when it exists from here, else from the repository root
-    (where tools/run_compare.sh and the Makefile run everything)."""
+    (where tools/run_study.py and the Makefile run everything)."""
     if osp.isabs(path) or osp.exists(path):
         return path
     return osp.join(REPO_ROOT, path)

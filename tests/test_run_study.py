@@ -1,0 +1,175 @@
+"""tools/run_study.py: the study's runs, the configs it writes, that every fine-tuned variant
+starts as the stage-1 rigid detector, and that finished steps are stamped and skipped."""
+import json
+import os
+import os.path as osp
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmengine.runner import load_checkpoint
+
+import dk_mmdet  # noqa: F401  (registers the DK layers)
+from mmdet_fixtures import load_tool
+
+run_study = load_tool('run_study.py', 'run_study')
+
+FINETUNE_MODELS = sorted({run.model for run in run_study.study_runs(3, 1)
+                          if run.protocol == 'finetune'})
+
+
+def test_the_study_pairs_every_variant_with_its_rigid_baseline():
+    runs = run_study.study_runs(seeds=3, dcn_seeds=1)
+    stage1 = [run for run in runs if run.protocol == 'stage1']
+    assert [run.model for run in stage1] == list(run_study.BASELINES)
+    per_model = {}
+    for run in runs:
+        per_model.setdefault((run.protocol, run.model), []).append(run.seed)
+    finetune_faster = {model for protocol, model in per_model
+                       if protocol == 'finetune' and model.startswith('faster')}
+    assert len(finetune_faster) == 6  # rigid, DCN, DCNv2, DK, global DK, DK + DCN
+    for (protocol, model), seeds in per_model.items():
+        slow = any(variant in model for variant in run_study.MMCV_DCN_VARIANTS)
+        assert seeds == ([0] if slow or protocol == 'stage1' else [0, 1, 2])
+    for run in runs:
+        if run.protocol == 'finetune':
+            assert run.load_from.model.split('_')[0] == run.model.split('_')[0]
+            assert run.load_from in stage1
+        else:
+            assert run.load_from is None
+
+
+def fake_stage1(root, model, checkpoint):
+    work_dir = run_study.Run('stage1', model, 0, run_study.STAGE1).work_dir(root)
+    os.makedirs(work_dir)
+    with open(osp.join(work_dir, 'last_checkpoint'), 'w') as f:
+        f.write(checkpoint)
+
+
+def finetune_run(model):
+    stage1_model = run_study.BASELINES[0 if model.startswith('faster') else 1]
+    return run_study.Run('finetune', model, 0, run_study.FINETUNE,
+                         load_from=run_study.Run('stage1', stage1_model, 0, run_study.STAGE1))
+
+
+def test_written_config_is_the_variant_with_the_protocols_schedule(tmp_path):
+    root = str(tmp_path)
+    fake_stage1(root, run_study.BASELINES[0], str(tmp_path / 'iter_800.pth'))
+    model = 'faster-rcnn_r50-dk-c3-c5_fpn_shapes'
+    written = Config.fromfile(run_study.write_config(finetune_run(model), root))
+    variant = Config.fromfile(osp.join(run_study.SHAPES_CONFIGS, f'{model}.py'))
+    assert written.model == variant.model
+    assert osp.abspath(osp.join(run_study.REPO_ROOT, written.load_from)) == str(
+        tmp_path / 'iter_800.pth')
+    schedule = run_study.FINETUNE
+    assert written.train_cfg.max_iters == schedule.iters
+    assert written.train_cfg.type == 'IterBasedTrainLoop'
+    assert written.optim_wrapper.optimizer.lr == schedule.lr
+    assert written.optim_wrapper.optimizer.type == 'AdamW'
+    warmup, steps = written.param_scheduler
+    assert (warmup.end, warmup.start_factor) == (schedule.warmup_iters, schedule.warmup_start)
+    assert (steps.end, steps.milestones) == (schedule.iters, [int(schedule.iters * 0.8)])
+    scratch = run_study.Run('scratch', model, 1, run_study.SCRATCH)
+    assert Config.fromfile(run_study.write_config(scratch, root)).load_from is None
+
+
+def build_with_seed(model_cfg):
+    from mmdet.registry import MODELS
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    model = MODELS.build(model_cfg)
+    model.init_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize('model', FINETUNE_MODELS)
+def test_every_finetuned_variant_starts_as_the_stage1_detector(model, tmp_path):
+    """load_from maps the rigid checkpoint into each layer: same features (DCNv2: half)."""
+    root = str(tmp_path)
+    run = finetune_run(model)
+    rigid_cfg = Config.fromfile(osp.join(run_study.SHAPES_CONFIGS, f'{run.load_from.model}.py'))
+    rigid = build_with_seed(rigid_cfg.model)
+    torch.manual_seed(1)  # a trained model: BatchNorm statistics away from (0, 1)
+    for module in rigid.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2)
+    checkpoint = str(tmp_path / 'iter_800.pth')
+    torch.save({'state_dict': rigid.state_dict(), 'meta': {}}, checkpoint)
+    fake_stage1(root, run.load_from.model, checkpoint)
+
+    config = Config.fromfile(run_study.write_config(run, root))
+    variant = build_with_seed(config.model)
+    # as mmengine's Runner does for load_from
+    load_checkpoint(variant, osp.join(run_study.REPO_ROOT, config.load_from),
+                    map_location='cpu', strict=False)
+
+    image = torch.randn(1, 3, 128, 128)  # mmcv's DCN needs stage c5 at least 3x3
+    with torch.no_grad():
+        if 'mdconv' in model:  # mmcv's DCNv2 starts with mask sigmoid(0) = 1/2 in every tap
+            rigid_conv2 = rigid.backbone.layer2[1].conv2
+            variant_conv2 = variant.backbone.layer2[1].conv2
+            probe = torch.randn(1, rigid_conv2.in_channels, 16, 16)
+            torch.testing.assert_close(variant_conv2(probe), rigid_conv2(probe) / 2,
+                                       rtol=1e-4, atol=1e-5)
+            return
+        for rigid_level, variant_level in zip(rigid.extract_feat(image),
+                                              variant.extract_feat(image)):
+            torch.testing.assert_close(variant_level, rigid_level, rtol=1e-4, atol=1e-5)
+
+
+STUB_PYTHON = """#!{python}
+# Stands in for the Python interpreter: records each tool call; fails when FAIL_STEP names it.
+import json, os, sys
+tool, config = sys.argv[1], sys.argv[2]
+work_dir = sys.argv[sys.argv.index('--work-dir') + 1]
+with open(os.environ['CALLS'], 'a') as f:
+    f.write(json.dumps(sys.argv[1:]) + '\\n')
+if os.environ.get('FAIL_STEP') and os.environ['FAIL_STEP'] in ' '.join(sys.argv[1:]):
+    sys.exit(3)
+if tool.endswith('train.py'):
+    with open(os.path.join(work_dir, 'last_checkpoint'), 'w') as f:
+        f.write(os.path.join(work_dir, 'iter_400.pth'))
+"""
+
+
+def test_finished_steps_are_stamped_and_skipped(tmp_path, monkeypatch):
+    stub = tmp_path / 'python'
+    stub.write_text(STUB_PYTHON.format(python=sys.executable))
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    calls = tmp_path / 'calls.jsonl'
+    monkeypatch.setenv('CALLS', str(calls))
+    root = str(tmp_path / 'study')
+    run = run_study.Run('scratch', 'faster-rcnn_r50-dk-c3-c5_fpn_shapes', 2, run_study.SCRATCH)
+
+    def called():
+        return [json.loads(line) for line in calls.read_text().splitlines()] \
+            if calls.exists() else []
+
+    monkeypatch.setenv('FAIL_STEP', 'instances_test_hard')  # the test_hard test fails
+    with pytest.raises(subprocess.CalledProcessError):
+        run_study.run_steps(run, root, str(stub), threads=1)
+    first = called()
+    assert [call[0] for call in first] == ['tools/train.py', 'tools/test.py', 'tools/test.py']
+    train, test_val, test_hard = first
+    assert ['--resume', '--cfg-options', 'randomness.seed=2'] == train[4:]
+    work_dir = run.work_dir(root)
+    assert test_val[1] == train[1] == run.config_file(root)
+    assert test_val[2] == osp.join(work_dir, 'iter_400.pth')
+    assert f'test_evaluator.outfile_prefix={work_dir}/detections/val' in test_val
+    assert f'test_evaluator.outfile_prefix={work_dir}/detections/test_hard' in test_hard
+    stamp = json.load(open(osp.join(work_dir, 'study_stamp.json')))
+    assert set(stamp['steps']) == {'train', 'test_val'}
+    assert stamp['steps']['train']['threads'] == 1 and stamp['seed'] == 2
+
+    monkeypatch.delenv('FAIL_STEP')
+    run_study.run_steps(run, root, str(stub), threads=1)  # only the failed step runs again
+    assert called()[len(first):] == [test_hard]
+    run_study.run_steps(run, root, str(stub), threads=1)  # nothing left to do
+    assert len(called()) == len(first) + 1
+    stamp = json.load(open(osp.join(work_dir, 'study_stamp.json')))
+    assert set(stamp['steps']) == {'train', 'test_val', 'test_test_hard'}

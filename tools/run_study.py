@@ -1,0 +1,300 @@
+"""The seeded comparison study on the shapes data (`make compare`): each conv variant of stages
+c3-c5, two training protocols, several seeds, each model tested on val and test_hard, then the
+tables of tools/analysis_tools/collect_results.py (mean ± sd, paired differences to rigid with
+95% intervals, AP per deformation bin) per protocol.
+
+    python tools/run_study.py [--root work_dirs/study] [--jobs 2] [--threads 1] [--dry-run]
+
+Protocols (docs/shapes.md says why these schedules):
+
+- ``finetune``, the paper's protocol in miniature. Stage 1 trains the rigid detector from
+  scratch with the quickstart's schedule (configs/shapes, 800 iterations, seed 0): the
+  "pretrained" model. Stage 2 starts every variant from that checkpoint through ``load_from``
+  (each layer maps the rigid conv2 weights into itself as from an ImageNet checkpoint, offset
+  generators start at zero, so every variant starts as the same function; mmcv's DCNv2 starts
+  at half scale, its mask being sigmoid(0)) and trains ``FINETUNE`` iterations; rigid simply
+  continues. Seed k fixes the data order and sampling of every variant's stage 2.
+- ``scratch``: every variant from its own initialisation, which for seed k equals the rigid
+  model's (tests/test_init_parity.py), with the quickstart's schedule cut to 300 iterations.
+
+Each run is an ordinary work_dir, ``ROOT/<protocol>/<model>/seed<k>/``, trained by
+tools/train.py from a config this script writes next to it (``ROOT/<protocol>/<model>/
+<model>.py``: the configs/shapes variant plus the protocol's schedule), then tested by
+tools/test.py on both splits with the detections kept for the per-bin tables. At the end, the
+tables (``ROOT/<protocol>/results.{md,csv}``) and the slope of ERF radius on object size of
+every fine-tuned Faster R-CNN (erf_seeds.py, ``ROOT/finetune/erf_seeds/``). Every finished step
+is recorded in the run's ``study_stamp.json`` (commit, machine, threads, seconds) and skipped
+the next time (the ERF step once its table exists); an interrupted training resumes from its
+last checkpoint.
+"""
+import argparse
+import datetime
+import json
+import os
+import os.path as osp
+import platform
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+SHAPES_CONFIGS = osp.join(REPO_ROOT, 'configs', 'shapes')
+DATA_ROOT = 'data/shapes/'  # the configs' data_root
+
+RIGID = 'r50_fpn'
+DK_VARIANTS = ('r50-dk-c3-c5_fpn', 'r50-dk-global-c3-c5_fpn', 'r50-dk-dconv-c3-c5_fpn')
+# mmcv's deformable convs: on a CPU one training iteration costs about 8x a rigid one, so they
+# run fewer seeds and only where the issue asks for them (Faster R-CNN fine-tuning).
+MMCV_DCN_VARIANTS = ('r50-dconv-c3-c5_fpn', 'r50-mdconv-c3-c5_fpn')
+BASELINES = ('faster-rcnn_r50_fpn_shapes', 'mask-rcnn_r50_fpn_shapes')
+# The names of the variants in the ERF tables.
+VARIANT_LABELS = {RIGID: 'rigid', 'r50-dconv-c3-c5_fpn': 'DCN', 'r50-mdconv-c3-c5_fpn': 'DCNv2',
+                  'r50-dk-c3-c5_fpn': 'DK', 'r50-dk-global-c3-c5_fpn': 'DK-global',
+                  'r50-dk-dconv-c3-c5_fpn': 'DK+DCN'}
+# The ERF analysis: the fine-tuned Faster R-CNNs, at the val objects, the units of stage c4.
+ERF_LAYER = 'backbone.layer3'
+ERF_MAX_OBJECTS = 100
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Iterations, peak AdamW learning rate, linear warm-up; the rate drops 10x at 80%."""
+    iters: int
+    lr: float
+    warmup_iters: int
+    warmup_start: float
+
+
+STAGE1 = Schedule(iters=800, lr=1e-3, warmup_iters=100, warmup_start=0.01)  # the quickstart's
+FINETUNE = Schedule(iters=200, lr=3e-4, warmup_iters=20, warmup_start=0.1)
+SCRATCH = Schedule(iters=300, lr=1e-3, warmup_iters=60, warmup_start=0.01)
+
+TEST_HARD_OPTIONS = [
+    'test_dataloader.dataset.ann_file=annotations/instances_test_hard.json',
+    'test_dataloader.dataset.data_prefix.img=test_hard/',
+    f'test_evaluator.ann_file={DATA_ROOT}annotations/instances_test_hard.json',
+]
+
+
+@dataclass(frozen=True)
+class Run:
+    protocol: str  # 'stage1', 'finetune' or 'scratch'
+    model: str  # the configs/shapes name, e.g. faster-rcnn_r50-dk-c3-c5_fpn_shapes
+    seed: int
+    schedule: Schedule
+    load_from: Optional['Run'] = None  # the stage-1 run whose last checkpoint starts this one
+
+    def model_dir(self, root: str) -> str:
+        return osp.join(root, self.protocol, self.model)
+
+    def work_dir(self, root: str) -> str:
+        return osp.join(self.model_dir(root), f'seed{self.seed}')
+
+    def config_file(self, root: str) -> str:
+        return osp.join(self.model_dir(root), f'{self.model}.py')
+
+    def cost(self) -> float:
+        """Relative cost, to start the longest runs of a protocol first."""
+        slow = any(variant in self.model for variant in MMCV_DCN_VARIANTS)
+        return self.schedule.iters * (8 if slow else 1) * (1.3 if 'mask' in self.model else 1)
+
+
+def model_name(detector: str, variant: str) -> str:
+    return f'{detector}_{variant}_shapes'
+
+
+def study_runs(seeds: int, dcn_seeds: int) -> List[Run]:
+    """Every run of the study, in the order they start: stage 1, then the protocols in order of
+    importance (if the machine is needed back, the main comparison is complete first), each
+    longest run first."""
+    stage1 = {detector: Run('stage1', model_name(detector, RIGID), 0, STAGE1)
+              for detector in ('faster-rcnn', 'mask-rcnn')}
+    runs = list(stage1.values())
+    for protocol, detector, variants in (
+            ('finetune', 'faster-rcnn', (RIGID, *MMCV_DCN_VARIANTS, *DK_VARIANTS)),
+            ('finetune', 'mask-rcnn', (RIGID, *DK_VARIANTS)),
+            ('scratch', 'faster-rcnn', (RIGID, *DK_VARIANTS))):
+        group = []
+        for variant in variants:
+            for seed in range(dcn_seeds if variant in MMCV_DCN_VARIANTS else seeds):
+                if protocol == 'finetune':
+                    group.append(Run(protocol, model_name(detector, variant), seed, FINETUNE,
+                                     load_from=stage1[detector]))
+                else:
+                    group.append(Run(protocol, model_name(detector, variant), seed, SCRATCH))
+        runs += sorted(group, key=Run.cost, reverse=True)
+    return runs
+
+
+def write_config(run: Run, root: str) -> str:
+    """The configs/shapes variant with the run's schedule (and starting checkpoint)."""
+    path = run.config_file(root)
+    schedule = run.schedule
+    base = osp.relpath(osp.join(SHAPES_CONFIGS, f'{run.model}.py'), osp.dirname(path))
+    lines = [
+        f'# Written by tools/run_study.py: the {run.protocol} protocol of the shapes study.',
+        f"_base_ = '{base}'",
+    ]
+    if run.load_from is not None:
+        start = last_checkpoint(run.load_from.work_dir(root))
+        lines.append(f"load_from = '{osp.relpath(start, REPO_ROOT)}'")
+    lines += [
+        f'max_iters = {schedule.iters}',
+        'train_cfg = dict(max_iters=max_iters)',
+        f'optim_wrapper = dict(optimizer=dict(lr={schedule.lr}))',
+        'param_scheduler = [',
+        f"    dict(type='LinearLR', start_factor={schedule.warmup_start}, by_epoch=False,",
+        f'         begin=0, end={schedule.warmup_iters}),',
+        f"    dict(type='MultiStepLR', by_epoch=False, begin=0, end={schedule.iters},",
+        f'         milestones=[{int(schedule.iters * 0.8)}], gamma=0.1),',
+        ']',
+        f'default_hooks = dict(checkpoint=dict(interval={schedule.iters // 4}))',
+    ]
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    text = '\n'.join(lines) + '\n'
+    if not osp.exists(path) or open(path).read() != text:
+        with open(path, 'w') as f:
+            f.write(text)
+    return path
+
+
+def last_checkpoint(work_dir: str) -> str:
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        path = f.read().strip()
+    return path if osp.isabs(path) else osp.join(REPO_ROOT, path)
+
+
+def commit() -> str:
+    result = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    return result.stdout.strip() or 'unknown'
+
+
+def run_steps(run: Run, root: str, python: str, threads: int) -> None:
+    """Train, test on val, test on test_hard; each step once (the stamp records it)."""
+    work_dir = run.work_dir(root)
+    os.makedirs(work_dir, exist_ok=True)
+    stamp_file = osp.join(work_dir, 'study_stamp.json')
+    stamp = json.load(open(stamp_file)) if osp.exists(stamp_file) else {
+        'protocol': run.protocol, 'model': run.model, 'seed': run.seed,
+        'schedule': vars(run.schedule), 'steps': {}}
+    config = write_config(run, root)
+    seed_option = [f'randomness.seed={run.seed}']
+    steps = [('train', ['tools/train.py', config, '--work-dir', work_dir, '--resume',
+                        '--cfg-options', *seed_option])]
+    for split, options in (('val', []), ('test_hard', TEST_HARD_OPTIONS)):
+        prefix = osp.join(work_dir, 'detections', split)
+        steps.append((f'test_{split}', ['tools/test.py', config, None, '--work-dir', work_dir,
+                                        '--cfg-options', *options,
+                                        f'test_evaluator.outfile_prefix={prefix}']))
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    for name, arguments in steps:
+        if name in stamp['steps']:
+            continue
+        arguments = [last_checkpoint(work_dir) if a is None else a for a in arguments]
+        started = time.time()
+        log(f'{run.protocol}/{run.model}/seed{run.seed}: {name}')
+        with open(osp.join(work_dir, f'{name}.out'), 'w') as output:
+            subprocess.run([python, *arguments], cwd=REPO_ROOT, env=environment, check=True,
+                           stdout=output, stderr=subprocess.STDOUT)
+        stamp['steps'][name] = {
+            'finished': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+            'seconds': round(time.time() - started, 1), 'commit': commit(),
+            'machine': f'{platform.node()} ({os.cpu_count()} cores)', 'threads': threads}
+        with open(stamp_file, 'w') as f:
+            json.dump(stamp, f, indent=1)
+
+
+def log(message: str) -> None:
+    print(f'[{datetime.datetime.now():%H:%M:%S}] {message}', flush=True)
+
+
+def run_all(runs: List[Run], root: str, python: str, jobs: int, threads: int) -> List[str]:
+    """Every run, ``jobs`` at a time, in the order given (a fine-tuning run waits for its
+    stage 1); the failures."""
+    failures = []
+    finished = {run: threading.Event() for run in runs if run.protocol == 'stage1'}
+
+    def attempt(run: Run) -> None:
+        try:
+            if run.load_from is not None:
+                finished[run.load_from].wait()
+            run_steps(run, root, python, threads)
+        except (subprocess.CalledProcessError, OSError) as error:
+            failures.append(f'{run.work_dir(root)}: {error}')
+            log(f'FAILED {run.work_dir(root)}: {error}')
+        finally:
+            if run in finished:
+                finished[run].set()
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(attempt, runs))
+    return failures
+
+
+def collect(runs: List[Run], root: str, python: str) -> None:
+    """collect_results.py per protocol: ROOT/<protocol>/results.{md,csv}."""
+    for protocol in ('finetune', 'scratch'):
+        model_dirs = sorted({run.model_dir(root) for run in runs if run.protocol == protocol})
+        out = osp.join(root, protocol, 'results')
+        subprocess.run([python, 'tools/analysis_tools/collect_results.py', *model_dirs,
+                        '--baseline', *BASELINES, '--out', f'{out}.md', '--csv', f'{out}.csv'],
+                       cwd=REPO_ROOT, check=True)
+
+
+def erf_slopes(runs: List[Run], root: str, python: str) -> None:
+    """erf_seeds.py on every fine-tuned Faster R-CNN: ROOT/finetune/erf_seeds/."""
+    out = osp.join(root, 'finetune', 'erf_seeds')
+    if osp.exists(osp.join(out, 'erf_seeds.md')):
+        return
+    models = []
+    for run in runs:
+        if run.protocol == 'finetune' and run.model.startswith('faster-rcnn'):
+            variant = run.model[len('faster-rcnn_'):-len('_shapes')]
+            models += ['--model', VARIANT_LABELS[variant], run.config_file(root),
+                       last_checkpoint(run.work_dir(root))]
+    subprocess.run([python, 'tools/analysis_tools/erf_seeds.py', *models, '--baseline', 'rigid',
+                    '--images', f'{DATA_ROOT}val', '--layer', ERF_LAYER,
+                    '--max-objects', str(ERF_MAX_OBJECTS),
+                    '--out', out], cwd=REPO_ROOT, check=True)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--root', default='work_dirs/study', help='where the runs go')
+    parser.add_argument('--seeds', type=int, default=3, help='seeds per model')
+    parser.add_argument('--dcn-seeds', type=int, default=1,
+                        help="seeds of mmcv's DCN and DCNv2 (slow on a CPU)")
+    parser.add_argument('--jobs', type=int, default=2, help='runs at a time')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads per run')
+    parser.add_argument('--python', default=sys.executable)
+    parser.add_argument('--dry-run', action='store_true', help='list the runs and stop')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not osp.exists(osp.join(REPO_ROOT, DATA_ROOT, 'annotations', 'instances_test_hard.json')):
+        sys.exit(f'run_study.py: no data in {DATA_ROOT}; `make compare` generates it')
+    root = osp.join(REPO_ROOT, args.root) if not osp.isabs(args.root) else args.root
+    runs = study_runs(args.seeds, args.dcn_seeds)
+    if args.dry_run:
+        for run in runs:
+            print(run.work_dir(args.root), f'{run.schedule.iters} iterations',
+                  f'from {run.load_from.work_dir(args.root)}' if run.load_from else '')
+        return 0
+    failures = run_all(runs, root, args.python, args.jobs, args.threads)
+    if failures:
+        print('failed runs:', *failures, sep='\n  ', file=sys.stderr)
+        return 1
+    collect(runs, root, args.python)
+    erf_slopes(runs, root, args.python)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
