@@ -110,7 +110,7 @@ cuda-check: $(CUDA_VENV)/.test-stack-installed
 	$(CUDA_VENV)/bin/python setup.py build --force --build-temp $(CUDA_CHECK_DIR)/temp \
 		--build-lib $(CUDA_CHECK_DIR)/lib
 	$(CUDA_VENV)/bin/python -c 'import glob, torch; \
-	torch.ops.load_library(glob.glob("$(CUDA_CHECK_DIR)/lib/dk_ops/_C*.so")[0]); \
+	torch.ops.load_library(glob.glob("$(CUDA_CHECK_DIR)/lib/dk_ops/_C.*.so")[0]); \
 	has = torch._C._dispatch_has_kernel_for_dispatch_key; \
 	missing = [(op, key) for op, keys in (("deform_kernel_conv2d", ("CPU", "CUDA", "AutocastCUDA")), \
 	                                      ("deform_kernel_conv2d_backward", ("CPU", "CUDA"))) \

@@ -3,6 +3,10 @@
 A CppExtension by default; a CUDAExtension (adding csrc/cuda/*.cu) when CUDA is available
 or FORCE_CUDA=1, so GPU builds also work on machines without a GPU. TORCH_CUDA_ARCH_LIST
 picks the architectures, as for any torch extension.
+
+A second extension, dk_ops._C_host_cuda, is always built: the CUDA kernels compiled for host
+threads (csrc/cuda/host_emulation.h), which the tests run on a CPU. It links to dk_ops._C,
+whose driver it calls.
 """
 import glob
 import os
@@ -21,6 +25,11 @@ def use_cuda() -> bool:
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
+def cxx_flags():
+    optimisation = ['-O0', '-g'] if os.environ.get('DEBUG', '0') == '1' else ['-O3']
+    return optimisation + ['-std=c++20']
+
+
 def extension():
     sources = sorted(glob.glob(os.path.join(CSRC, '*.cpp')) +
                      glob.glob(os.path.join(CSRC, 'cpu', '*.cpp')))
@@ -28,18 +37,44 @@ def extension():
     # the CPU passes run on one thread (2-core EPYC, c3 scope 4: the scope-column scatter took
     # 24 ms a forward, the same as with 1 thread). The extension then needs libgomp.so.1,
     # which resolves to the copy PyTorch has already loaded, so both share one thread pool.
-    optimisation = ['-O0', '-g'] if os.environ.get('DEBUG', '0') == '1' else ['-O3']
-    cxx_flags = optimisation + ['-std=c++20', '-fopenmp']
+    compile_flags = cxx_flags() + ['-fopenmp']
     link_flags = ['-fopenmp']
     if not use_cuda():
-        return CppExtension('dk_ops._C', sources, extra_compile_args={'cxx': cxx_flags},
+        return CppExtension('dk_ops._C', sources, extra_compile_args={'cxx': compile_flags},
                             extra_link_args=link_flags)
     sources += sorted(glob.glob(os.path.join(CSRC, 'cuda', '*.cu')) +
                       glob.glob(os.path.join(CSRC, 'cuda', '*.cpp')))
     return CUDAExtension('dk_ops._C', sources, define_macros=[('WITH_CUDA', None)],
-                         extra_compile_args={'cxx': cxx_flags,
+                         extra_compile_args={'cxx': compile_flags,
                                              'nvcc': ['-O3', '-std=c++20']},
                          extra_link_args=link_flags)
+
+
+HOST_CUDA = 'dk_ops._C_host_cuda'
+
+
+def host_cuda_extension():
+    source = os.path.join(CSRC, 'host_cuda', 'deform_kernel_conv2d_host_cuda.cpp')
+    # The files it includes, so that setuptools rebuilds it when a kernel changes.
+    included = [os.path.join(CSRC, name) for name in (
+        'cuda/deform_kernel_conv2d_cuda.cu', 'cuda/host_emulation.h', 'deform_kernel_conv2d.h',
+        'sampling.h')]
+    # $ORIGIN: the loader finds dk_ops._C beside this library, and reuses the copy that
+    # `import dk_ops` has loaded (one registration of the ops, one driver).
+    return CppExtension(HOST_CUDA, [source], depends=included,
+                        extra_compile_args={'cxx': cxx_flags()},
+                        extra_link_args=['-Wl,-rpath,$ORIGIN'])
+
+
+class BuildExtensions(BuildExtension):
+    """Links dk_ops._C_host_cuda to the dk_ops._C just built (the extensions build in order)."""
+
+    def build_extension(self, ext):
+        if ext.name == HOST_CUDA:
+            main = self.get_ext_fullpath('dk_ops._C')
+            ext.library_dirs.append(os.path.dirname(main))
+            ext.extra_link_args.append('-l:' + os.path.basename(main))
+        super().build_extension(ext)
 
 
 setup(
@@ -50,7 +85,7 @@ setup(
     packages=find_packages(include=['dk_ops', 'dk_ops.*', 'dk_mmdet', 'dk_mmdet.*']),
     python_requires='>=3.9',
     install_requires=['torch>=2.4'],
-    ext_modules=[extension()],
-    cmdclass={'build_ext': BuildExtension},
+    ext_modules=[extension(), host_cuda_extension()],
+    cmdclass={'build_ext': BuildExtensions},
     zip_safe=False,
 )

@@ -11,14 +11,23 @@
 //   offset/mask grads   one warp per (column, tap, offset group), summing over its channels
 //                       (one writer per gradient entry, deterministic)
 // half and bfloat16 are read and written as such; every sum runs in float32 (opmath).
+// The tests also run this file on a CPU, compiled for host threads (host_emulation.h).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#ifdef DK_HOST_EMULATION  // compiled for host threads, for the tests (see host_emulation.h)
+#include "host_emulation.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+
+// Every launch goes through this macro, which host_emulation.h defines as a loop over threads.
+#define DK_LAUNCH(kernel, blocks, threads, stream) kernel<<<blocks, threads, 0, stream>>>
+#endif
 
 #include <algorithm>
 #include <utility>
@@ -396,9 +405,8 @@ void scatter_scope_columns(const ColumnChunk& chunk, Tensor& z) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "dk_ops_scatter_scope_columns_cuda", [&] {
         const ColumnView<scalar_t> view(chunk);
-        scope_columns_kernel<scalar_t>
-            <<<blocks_for(chunk.count * chunk.g.in_channels), kThreadsPerBlock, 0, stream>>>(
-                view, z.data_ptr<scalar_t>());
+        DK_LAUNCH(scope_columns_kernel<scalar_t>, blocks_for(chunk.count * chunk.g.in_channels),
+                  kThreadsPerBlock, stream)(view, z.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
@@ -416,13 +424,13 @@ void gather_input_grad(const ColumnChunk& chunk, const Tensor& grad_z, Tensor& g
         if (rigid) {
           const auto [row_begin, row_end] = rigid_input_rows(chunk);
           const int64_t begin = row_begin * chunk.g.width, end = row_end * chunk.g.width;
-          input_grad_rigid_kernel<scalar_t>
-              <<<blocks_for((end - begin) * chunk.g.in_channels), kThreadsPerBlock, 0, stream>>>(
-                  view, begin, end, grad_z.data_ptr<scalar_t>(), grad_input.data_ptr<acc_t>());
+          DK_LAUNCH(input_grad_rigid_kernel<scalar_t>,
+                    blocks_for((end - begin) * chunk.g.in_channels), kThreadsPerBlock, stream)(
+              view, begin, end, grad_z.data_ptr<scalar_t>(), grad_input.data_ptr<acc_t>());
         } else {
-          input_grad_atomic_kernel<scalar_t>
-              <<<blocks_for(chunk.count * chunk.g.in_channels), kThreadsPerBlock, 0, stream>>>(
-                  view, grad_z.data_ptr<scalar_t>(), grad_input.data_ptr<acc_t>());
+          DK_LAUNCH(input_grad_atomic_kernel<scalar_t>,
+                    blocks_for(chunk.count * chunk.g.in_channels), kThreadsPerBlock, stream)(
+              view, grad_z.data_ptr<scalar_t>(), grad_input.data_ptr<acc_t>());
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -438,18 +446,18 @@ void offset_and_mask_grads(const ColumnChunk& chunk, const Tensor& grad_z,
         const ColumnView<scalar_t> view(chunk);
         if (grad_kernel_offset.defined()) {
           const int64_t warps = chunk.count * g.taps() * g.kernel_offset_groups;
-          kernel_offset_grad_kernel<scalar_t>
-              <<<blocks_for(warps * kWarpSize), kThreadsPerBlock, 0, stream>>>(
-                  view, grad_z.data_ptr<scalar_t>(), grad_kernel_offset.data_ptr<scalar_t>());
+          DK_LAUNCH(kernel_offset_grad_kernel<scalar_t>, blocks_for(warps * kWarpSize),
+                    kThreadsPerBlock, stream)(view, grad_z.data_ptr<scalar_t>(),
+                                              grad_kernel_offset.data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         if (grad_data_offset.defined() || grad_mask.defined()) {
           const int64_t warps = chunk.count * g.taps() * g.deform_groups;
-          data_offset_and_mask_grad_kernel<scalar_t>
-              <<<blocks_for(warps * kWarpSize), kThreadsPerBlock, 0, stream>>>(
-                  view, grad_z.data_ptr<scalar_t>(),
-                  grad_data_offset.defined() ? grad_data_offset.data_ptr<scalar_t>() : nullptr,
-                  grad_mask.defined() ? grad_mask.data_ptr<scalar_t>() : nullptr);
+          DK_LAUNCH(data_offset_and_mask_grad_kernel<scalar_t>, blocks_for(warps * kWarpSize),
+                    kThreadsPerBlock, stream)(
+              view, grad_z.data_ptr<scalar_t>(),
+              grad_data_offset.defined() ? grad_data_offset.data_ptr<scalar_t>() : nullptr,
+              grad_mask.defined() ? grad_mask.data_ptr<scalar_t>() : nullptr);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
@@ -488,9 +496,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
 
 }  // namespace
 
+#ifndef DK_HOST_EMULATION
 TORCH_LIBRARY_IMPL(dk_ops, CUDA, m) {
   m.impl("deform_kernel_conv2d", &forward_cuda);
   m.impl("deform_kernel_conv2d_backward", &backward_cuda);
 }
+#else
+// The host build: the same launchers, for CPU tensors, as ops of their own namespace (schemas
+// inferred from the functions), so that torch.ops.dk_ops keeps its CPU kernels.
+TORCH_LIBRARY(dk_ops_host_cuda, m) {
+  m.def("deform_kernel_conv2d", TORCH_FN(forward_cuda));
+  m.def("deform_kernel_conv2d_backward", TORCH_FN(backward_cuda));
+}
+#endif
 
 }  // namespace dk_ops

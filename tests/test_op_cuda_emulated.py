@@ -1,0 +1,145 @@
+"""The CUDA kernels of ``dk_ops.deform_kernel_conv2d`` executed on a CPU, against the float64
+reference over the op tests' problem matrix.
+
+``dk_ops._C_host_cuda`` is the GPU's kernel source (dk_ops/csrc/cuda/deform_kernel_conv2d_cuda.cu)
+compiled for host threads: every thread of each launch runs, with the lanes of a warp in
+lock-step at their shuffles (dk_ops/csrc/cuda/host_emulation.h). The op runs as users call it,
+through ``dk_ops.deform_kernel_conv2d``, its autograd formula and the shared driver; only the
+forward and backward ops, below autograd, are sent to the emulated CUDA launchers."""
+import collections
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dk_ops
+import dk_ops._C_host_cuda  # noqa: F401  (registers torch.ops.dk_ops_host_cuda)
+from dk_reference import (DCN_PROBLEMS, PROBLEMS, deform_kernel_conv2d_reference,
+                          output_and_gradients)
+from test_op_backward import TENSOR_ARGUMENTS, TOLERANCE, assert_gradients_close
+from test_op_cuda import CUDA_PROBLEMS, problems_named
+
+
+class EmulatedCudaKernels(TorchDispatchMode):
+    """Runs the ``torch.ops.dk_ops`` ops called under it on the emulated CUDA launchers of
+    ``torch.ops.dk_ops_host_cuda`` instead of the CPU kernels, and counts them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == 'dk_ops':
+            name = func.overloadpacket.__name__
+            self.calls[name] += 1
+            func = getattr(torch.ops.dk_ops_host_cuda, name).default
+        return func(*args, **(kwargs or {}))
+
+
+def emulated_output_and_gradients(problem, tensors, **kwargs):
+    """``output_and_gradients`` of the op, its forward and backward run by the CUDA kernels."""
+    with EmulatedCudaKernels() as emulated:
+        result = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors, **kwargs)
+    assert emulated.calls == {'deform_kernel_conv2d': 1, 'deform_kernel_conv2d_backward': 1}
+    return result
+
+
+def assert_matches_reference(problem, tensors, tolerance, **kwargs):
+    output, gradients = emulated_output_and_gradients(problem, tensors, **kwargs)
+    expected_output, expected = output_and_gradients(problem, deform_kernel_conv2d_reference,
+                                                     tensors, **kwargs)
+    assert output.dtype == tensors['input'].dtype
+    torch.testing.assert_close(output.double(), expected_output, **tolerance)
+    assert_gradients_close(gradients, expected, **tolerance)
+
+
+def by_name(problems):
+    return pytest.mark.parametrize('problem', problems, ids=lambda problem: problem.name)
+
+
+# PROBLEMS has every feature of the op at 4 channels (its global problems without data offsets
+# or mask run the driver's global path, which calls no column kernel); CUDA_PROBLEMS the work
+# split of the kernels: offset groups of more channels than a warp has lanes, scopes of two
+# passes of the scope-column kernel. These in float64 only: the reference is slow at 40-72
+# channels, and float32 runs the same code as on PROBLEMS.
+@pytest.mark.parametrize('problem,dtype', [
+    pytest.param(problem, dtype, id=f'{problem.name}-{dtype}')
+    for problem in PROBLEMS for dtype in (torch.float64, torch.float32)
+] + [pytest.param(problem, torch.float64, id=f'{problem.name}-torch.float64')
+     for problem in CUDA_PROBLEMS])
+def test_output_and_gradients_match_reference(problem, dtype):
+    assert_matches_reference(problem, problem.make_inputs(dtype), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
+@by_name(DCN_PROBLEMS)
+def test_deformable_convolutions_match_reference(problem, dtype):
+    # Their zero kernel offsets put every scope sample on a kink of bilinear sampling, where
+    # the kernel offset gradient is either one-sided derivative: not compared (nor by
+    # test_op_backward.py).
+    tensors = problem.make_inputs(dtype)
+    wrt = [name for name in TENSOR_ARGUMENTS
+           if tensors[name] is not None and name != 'kernel_offset']
+    assert_matches_reference(problem, tensors, TOLERANCE[dtype], wrt=wrt)
+
+
+@pytest.mark.parametrize('columns_per_chunk', [1, 7])
+@by_name([
+    dataclasses.replace(problem, batch=3)
+    for problem in problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'stride2_dilation2_pad2',
+                                  'groups2_kgroups2', 'mask_only',
+                                  'data_offset_mask_dgroups2_groups2',
+                                  'global_data_offset_mask_dgroups2')
+] + problems_named('wide_k3x2_scope6x5_stride2_dil2_mask'))
+def test_column_chunks_match_reference(problem, columns_per_chunk, monkeypatch):
+    # Chunks that end inside image rows and images: the rigid-grid input gradient then gathers
+    # each pixel from the columns of several chunks, and skips those of the other chunks.
+    column_bytes = problem.in_channels * problem.scope_size[0] * problem.scope_size[1] * 8
+    monkeypatch.setenv('DK_OPS_MAX_COLUMN_BYTES', str(columns_per_chunk * column_bytes))
+    assert_matches_reference(problem, problem.make_inputs(), TOLERANCE[torch.float64])
+
+
+@by_name(problems_named('data_offset_mask_dgroups2_groups2', 'global_data_offset_mask_dgroups2',
+                        'wide_scope5_groups2_kgroups2_dgroups3_dcn_mask'))
+def test_gradient_of_one_argument_alone(problem):
+    # The backward op then gets an output_mask asking for that gradient only, and the
+    # launchers hand the kernels null pointers for the others.
+    tensors = problem.make_inputs()
+    _, expected = output_and_gradients(problem, deform_kernel_conv2d_reference, tensors)
+    for name in expected:
+        _, gradient = emulated_output_and_gradients(problem, tensors, wrt=[name])
+        assert_gradients_close(gradient, {name: expected[name]}, **TOLERANCE[torch.float64])
+
+
+@by_name(problems_named('data_offset_mask_dgroups2_groups2', 'global_data_offset_mask_dgroups2'))
+def test_empty_batch(problem):
+    problem = dataclasses.replace(problem, batch=0)
+    tensors = problem.make_inputs()
+    output, gradients = emulated_output_and_gradients(problem, tensors)
+    assert output.shape == (0, problem.out_channels, *problem.output_size)
+    for name, gradient in gradients.items():
+        assert gradient is not None and gradient.shape == tensors[name].shape, name
+        assert not gradient.any(), name
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_data_offset_input_gradient_is_refused_in_deterministic_mode():
+    # The CUDA launcher adds the input gradient with atomics when there are data offsets, and
+    # says so to deterministic mode; the other gradients need no atomics.
+    problem = problems_named('data_offset_mask_dgroups2_groups2')[0]
+    tensors = problem.make_inputs()
+    with deterministic_algorithms():
+        with pytest.raises(RuntimeError, match='does not have a deterministic implementation'):
+            emulated_output_and_gradients(problem, tensors)
+        emulated_output_and_gradients(
+            problem, tensors, wrt=[name for name in TENSOR_ARGUMENTS if name != 'input'])
