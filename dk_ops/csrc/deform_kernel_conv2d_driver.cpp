@@ -8,8 +8,9 @@
 // with the output and its gradient as channels-last rows (N*L, C_out): BLAS runs these
 // shapes faster than their transposes when C_out is small (2-3x at C_out = 32).
 // Global path (kernel_offset (N, 2*Gk*taps), no data offset, no mask): the kernel of every
-// image is A_n @ scope, with A the bilinear sampling matrix of its offsets, and the batch
-// runs as one grouped convolution.
+// image is A_n @ scope, with A the bilinear sampling matrix of its offsets, the batch runs as
+// one grouped convolution, and the GEMMs of the filters and their gradients take the whole
+// batch at once: a number of ATen calls that does not grow with the batch.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
@@ -122,11 +123,14 @@ OptionalTensor to_float(const OptionalTensor& t) {
 
 // ------------------------------------------------------------------ global kernel offsets
 
-// Bilinear sampling matrices of global kernel offsets, (N, Gk, taps, S): kernel = A @ scope,
-// and the derivatives of A along the offsets' y and x. In float32 for half / bfloat16 offsets,
-// as the local path's kernels compute coordinates and weights.
+// Bilinear sampling of global kernel offsets: the matrices A, (N, Gk, taps, S), kernel =
+// A @ scope; and, for the offsets' gradient, the scope cells of each sample's four corners with
+// the derivatives of the corners' weights along the offsets' y and x. In float32 for half /
+// bfloat16 offsets, as the local path's kernels compute coordinates and weights.
 struct GlobalSampling {
-  Tensor weight, d_dy, d_dx;
+  Tensor weight;      // A, (N, Gk, taps, S)
+  Tensor cell;        // (N, Gk, taps, 4), long; 0 at the corners that sample nothing
+  Tensor derivative;  // (N, Gk, taps, 2, 4): along y, then along x; 0 where nothing is sampled
 };
 
 GlobalSampling global_sampling(const DeformKernelGeometry& g, const Tensor& kernel_offset) {
@@ -140,27 +144,35 @@ GlobalSampling global_sampling(const DeformKernelGeometry& g, const Tensor& kern
                                         g.scope_origin_w());
   // Same rule as sampling.h: outside (-1, S) (or NaN / inf) samples nothing.
   const auto inside = (y > -1) & (y < g.scope_h) & (x > -1) & (x < g.scope_w);
-  const auto y0 = at::floor(y), x0 = at::floor(x);
-  const auto ly = y - y0, lx = x - x0;
-  GlobalSampling a{at::zeros({g.batch, g.kernel_offset_groups, g.taps(), g.scope_cells()}, options),
-                   Tensor(), Tensor()};
-  a.d_dy = at::zeros_like(a.weight);
-  a.d_dx = at::zeros_like(a.weight);
-  for (int dy = 0; dy < 2; ++dy) {
-    for (int dx = 0; dx < 2; ++dx) {
-      const auto cell_y = y0 + dy, cell_x = x0 + dx;
-      const auto valid =
-          inside & (cell_y >= 0) & (cell_y < g.scope_h) & (cell_x >= 0) & (cell_x < g.scope_w);
-      const auto wy = dy ? ly : 1 - ly, wx = dx ? lx : 1 - lx;
-      const auto cell = at::where(valid, cell_y * g.scope_w + cell_x, 0).to(at::kLong).unsqueeze(-1);
-      auto add = [&](Tensor& target, const Tensor& value) {
-        target.scatter_add_(-1, cell, at::where(valid, value, 0).unsqueeze(-1));
-      };
-      add(a.weight, wy * wx);
-      add(a.d_dy, dy ? wx : -wx);
-      add(a.d_dx, dx ? wy : -wy);
-    }
-  }
+  // Along one axis, (N, Gk, taps, 2): the cells floor(c) and floor(c) + 1, weighing 1 - l and
+  // l with l = c - floor(c), so their slopes are -1 and +1.
+  const auto step = at::arange(2, options), slope = 2 * step - 1;
+  struct Axis {
+    Tensor cell, weight, valid;
+  };
+  auto axis = [&](const Tensor& coordinate, int64_t size) {
+    const auto low = at::floor(coordinate).unsqueeze(-1), cell = low + step;
+    return Axis{cell, (1 - step) + slope * (coordinate.unsqueeze(-1) - low),
+                (cell >= 0) & (cell < size)};
+  };
+  const auto along_y = axis(y, g.scope_h), along_x = axis(x, g.scope_w);
+  // The four corners: terms along y as rows against terms along x as columns, (..., 2, 2),
+  // flattened to (..., 4).
+  auto rows = [](const Tensor& t) { return t.unsqueeze(-1); };
+  auto columns = [](const Tensor& t) { return t.unsqueeze(-2); };
+  const auto valid =
+      (rows(along_y.valid) & columns(along_x.valid) & rows(rows(inside))).flatten(-2);
+  auto where_valid = [&](const Tensor& corners) {
+    return at::where(valid, corners.flatten(-2), 0);
+  };
+  GlobalSampling a;
+  a.cell = where_valid(rows(along_y.cell) * g.scope_w + columns(along_x.cell)).to(at::kLong);
+  a.weight =
+      at::zeros({g.batch, g.kernel_offset_groups, g.taps(), g.scope_cells()}, options)
+          .scatter_add_(-1, a.cell, where_valid(rows(along_y.weight) * columns(along_x.weight)));
+  a.derivative = at::stack({where_valid(rows(slope) * columns(along_x.weight)),
+                            where_valid(rows(along_y.weight) * slope)},
+                           -2);
   return a;
 }
 
@@ -246,42 +258,49 @@ std::array<Tensor, 3> global_backward(const DeformKernelGeometry& g, const Tenso
   std::array<Tensor, 3> grads;
   if (needed[0]) grads[0] = grad_batch_input.view_as(input);
   if (!need_filters) return grads;
-  // Per block and image: grad scope rows += gK_n @ A_n, grad A_n += gK_n^T @ scope rows; the
-  // GEMMs in the weight's dtype, the sums (over images, and over the blocks of a kernel offset
-  // group) in sum_dtype, like the sampling matrices.
-  const auto grad_kernels = grad_filters.reshape(
-      {g.batch, g.out_channels, g.in_channels / g.groups, g.taps()});
-  const auto scope = weight.reshape({g.out_channels, g.in_channels / g.groups, g.scope_cells()});
-  const auto sampling_weight = sampling.weight.to(weight.scalar_type());
+  // Per block, one GEMM for the whole batch each, with gK = [gK_0 ... gK_N-1] (R, N * taps) the
+  // block's kernel gradients and A = [A_0; ...; A_N-1] (N * taps, S) its sampling matrices:
+  //   grad scope rows = gK @ A            (the sum over images inside the GEMM)
+  //   grad A          = gK^T @ scope rows (summed over the blocks of a kernel offset group)
+  // In sum_dtype, like the sampling matrices: half / bfloat16 operands are converted to float32
+  // (at::mm's out_dtype overload is CUDA-only and newer than torch 2.4). gK is converted by the
+  // copy that puts it in this order; the GEMMs have a small side (N * taps or S), so they run at
+  // memory speed, and float32 costs wider reads, not slower arithmetic.
   const auto sums = sampling.weight.options();
-  Tensor grad_scope = needed[1] ? at::zeros(scope.sizes(), sums) : Tensor();
+  const int64_t in_per_group = g.in_channels / g.groups;
+  auto grad_kernels = at::empty({g.out_channels, in_per_group, g.batch, g.taps()}, sums);
+  grad_kernels.copy_(grad_filters.reshape({g.batch, g.out_channels, in_per_group, g.taps()})
+                         .permute({1, 2, 0, 3}));
+  grad_kernels = grad_kernels.view({g.out_channels, in_per_group, -1});  // (.., N * taps)
+  const auto scope = weight.to(sums.dtype()).reshape({g.out_channels, in_per_group, -1});
+  // The blocks tile the weight, so each writes its own part of grad_scope.
+  Tensor grad_scope = needed[1] ? at::empty_like(scope) : Tensor();
   Tensor grad_sampling = needed[2] ? at::zeros_like(sampling.weight) : Tensor();
   for (const auto& block : scope_blocks(g)) {
-    const auto rows = block_rows(scope, block);
-    // The block's part of grad_scope; summed into in place when it is one contiguous piece
-    // (whole output channels: always with groups = kernel_offset_groups = 1).
-    Tensor grad_block, grad_rows_sum;
+    const auto grad_rows = block_rows(grad_kernels, block);  // (R, N * taps)
     if (needed[1]) {
-      grad_block = grad_scope.narrow(0, block.out_begin, block.out_size)
-                       .narrow(1, block.in_begin, block.in_size);
-      grad_rows_sum = grad_block.is_contiguous() ? grad_block.view({-1, g.scope_cells()})
-                                                 : at::zeros(rows.sizes(), sums);
+      const auto samplings = sampling.weight.select(1, block.kernel_group)  // (N, taps, S)
+                                 .reshape({g.batch * g.taps(), g.scope_cells()});
+      auto grad_block = grad_scope.narrow(0, block.out_begin, block.out_size)
+                            .narrow(1, block.in_begin, block.in_size);
+      if (grad_block.is_contiguous()) {  // whole output channels: always with one block
+        auto grad_block_rows = grad_block.view({-1, g.scope_cells()});
+        at::mm_out(grad_block_rows, grad_rows, samplings);
+      } else {
+        grad_block.copy_(at::mm(grad_rows, samplings).view(grad_block.sizes()));
+      }
     }
-    for (int64_t n = 0; n < g.batch; ++n) {
-      const auto grad_rows = block_rows(grad_kernels[n], block);  // (OC, taps)
-      const auto a = sampling_weight[n][block.kernel_group];       // (taps, S)
-      if (needed[1]) add_product(grad_rows_sum, grad_rows, a);
-      if (needed[2]) add_product(grad_sampling[n][block.kernel_group], grad_rows.t(), rows);
-    }
-    if (needed[1] && !grad_block.is_contiguous()) {
-      grad_block.add_(grad_rows_sum.view(grad_block.sizes()));
+    if (needed[2]) {
+      grad_sampling.select(1, block.kernel_group)
+          .add_(at::mm(grad_rows.t(), block_rows(scope, block))
+                    .view({g.batch, g.taps(), g.scope_cells()}));
     }
   }
   if (needed[1]) grads[1] = grad_scope.view(weight.sizes()).to(weight.scalar_type());
   if (needed[2]) {
-    grads[2] = at::stack({(grad_sampling * sampling.d_dy).sum(-1),
-                          (grad_sampling * sampling.d_dx).sum(-1)},
-                         -1)
+    // d loss / d offset = sum over the four corners of d loss / d A[cell] * d A[cell] / d offset.
+    grads[2] = (grad_sampling.gather(-1, sampling.cell).unsqueeze(-2) * sampling.derivative)
+                   .sum(-1)
                    .reshape(kernel_offset.sizes())
                    .to(kernel_offset.scalar_type());
   }
