@@ -47,8 +47,8 @@ DATA_ROOT = 'data/shapes/'  # the configs' data_root
 
 RIGID = 'r50_fpn'
 DK_VARIANTS = ('r50-dk-c3-c5_fpn', 'r50-dk-global-c3-c5_fpn', 'r50-dk-dconv-c3-c5_fpn')
-# mmcv's deformable convs: on a CPU one training iteration costs about 8x a rigid one, so they
-# run fewer seeds and only where the issue asks for them (Faster R-CNN fine-tuning).
+# mmcv's deformable convs: on a CPU one training iteration costs about 3-8x a rigid one, so they
+# run only where the comparison needs them most, the Faster R-CNN fine-tuning.
 MMCV_DCN_VARIANTS = ('r50-dconv-c3-c5_fpn', 'r50-mdconv-c3-c5_fpn')
 BASELINES = ('faster-rcnn_r50_fpn_shapes', 'mask-rcnn_r50_fpn_shapes')
 # The names of the variants in the ERF tables.
@@ -107,7 +107,7 @@ def model_name(detector: str, variant: str) -> str:
     return f'{detector}_{variant}_shapes'
 
 
-def study_runs(seeds: int, dcn_seeds: int) -> List[Run]:
+def study_runs(seeds: int) -> List[Run]:
     """Every run of the study, in the order they start: stage 1, then the protocols in order of
     importance (if the machine is needed back, the main comparison is complete first), each
     longest run first."""
@@ -120,7 +120,7 @@ def study_runs(seeds: int, dcn_seeds: int) -> List[Run]:
             ('scratch', 'faster-rcnn', (RIGID, *DK_VARIANTS))):
         group = []
         for variant in variants:
-            for seed in range(dcn_seeds if variant in MMCV_DCN_VARIANTS else seeds):
+            for seed in range(seeds):
                 if protocol == 'finetune':
                     group.append(Run(protocol, model_name(detector, variant), seed, FINETUNE,
                                      load_from=stage1[detector]))
@@ -267,8 +267,6 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--root', default='work_dirs/study', help='where the runs go')
     parser.add_argument('--seeds', type=int, default=3, help='seeds per model')
-    parser.add_argument('--dcn-seeds', type=int, default=1,
-                        help="seeds of mmcv's DCN and DCNv2 (slow on a CPU)")
     parser.add_argument('--jobs', type=int, default=2, help='runs at a time')
     parser.add_argument('--threads', type=int, default=1, help='torch threads per run')
     parser.add_argument('--python', default=sys.executable)
@@ -281,7 +279,7 @@ def main(argv=None) -> int:
     if not osp.exists(osp.join(REPO_ROOT, DATA_ROOT, 'annotations', 'instances_test_hard.json')):
         sys.exit(f'run_study.py: no data in {DATA_ROOT}; `make compare` generates it')
     root = osp.join(REPO_ROOT, args.root) if not osp.isabs(args.root) else args.root
-    runs = study_runs(args.seeds, args.dcn_seeds)
+    runs = study_runs(args.seeds)
     if args.dry_run:
         for run in runs:
             print(run.work_dir(args.root), f'{run.schedule.iters} iterations',
