@@ -172,3 +172,26 @@ def test_finished_steps_are_stamped_and_skipped(tmp_path, monkeypatch):
     assert len(called()) == len(first) + 1
     stamp = json.load(open(osp.join(work_dir, 'study_stamp.json')))
     assert set(stamp['steps']) == {'train', 'test_val', 'test_test_hard'}
+
+
+RESULTS_CSV = """split,task,metric,bin,ground_truths,model,seeds,mean,sd,baseline,pairs,difference,ci95_low,ci95_high
+val,bbox,AP,,,faster-rcnn_r50_fpn_shapes,3,23.6,0.3,,,,,
+val,bbox,AP,,,faster-rcnn_r50-dk-c3-c5_fpn_shapes,3,24.1,0.5,faster-rcnn_r50_fpn_shapes,3,0.5,-0.7,1.7
+val,bbox,AP50,,,faster-rcnn_r50-dk-c3-c5_fpn_shapes,3,50.0,0.5,faster-rcnn_r50_fpn_shapes,3,9.9,9.0,9.9
+val,bbox,AP,size < 30,116,faster-rcnn_r50-dk-c3-c5_fpn_shapes,3,1.0,0.1,faster-rcnn_r50_fpn_shapes,3,9.9,9.0,9.9
+test_hard,bbox,AP,,,faster-rcnn_r50_fpn_shapes,3,11.0,0.2,,,,,
+test_hard,bbox,AP,,,faster-rcnn_r50-dk-c3-c5_fpn_shapes,3,10.0,0.4,faster-rcnn_r50_fpn_shapes,3,-1.0,-1.9,-0.1
+"""
+
+
+def test_summary_tables_hold_ap_and_paired_differences(tmp_path):
+    for protocol in ('finetune', 'scratch'):
+        (tmp_path / protocol).mkdir()
+        (tmp_path / protocol / 'results.csv').write_text(
+            RESULTS_CSV if protocol == 'finetune' else RESULTS_CSV.split('\n')[0] + '\n')
+    lines = run_study.summary_tables(str(tmp_path)).splitlines()
+    assert lines[0] == 'finetune, faster-rcnn, bbox AP:'
+    assert lines[4] == '| rigid | 3 | 23.6 ± 0.3 |  | 11.0 ± 0.2 |  |'
+    # AP only (not AP50, not a bin); the difference with its interval, signed
+    assert lines[5] == '| DK | 3 | 24.1 ± 0.5 | +0.5 [-0.7, +1.7] | 10.0 ± 0.4 | -1.0 [-1.9, -0.1] |'
+    assert len(lines) == 6  # no scratch rows, no Mask R-CNN table

@@ -21,13 +21,15 @@ Each run is an ordinary work_dir, ``ROOT/<protocol>/<model>/seed<k>/``, trained 
 tools/train.py from a config this script writes next to it (``ROOT/<protocol>/<model>/
 <model>.py``: the configs/shapes variant plus the protocol's schedule), then tested by
 tools/test.py on both splits with the detections kept for the per-bin tables. At the end, the
-tables (``ROOT/<protocol>/results.{md,csv}``) and the slope of ERF radius on object size of
+tables (``ROOT/<protocol>/results.{md,csv}``, the compact ones of docs/shapes.md in
+``ROOT/summary.md``) and the slope of ERF radius on object size of
 every fine-tuned Faster R-CNN (erf_seeds.py, ``ROOT/finetune/erf_seeds/``). Every finished step
 is recorded in the run's ``study_stamp.json`` (commit, machine, threads, seconds) and skipped
 the next time (the ERF step once its table exists); an interrupted training resumes from its
 last checkpoint.
 """
 import argparse
+import csv
 import datetime
 import json
 import os
@@ -246,6 +248,45 @@ def collect(runs: List[Run], root: str, python: str) -> None:
                        cwd=REPO_ROOT, check=True)
 
 
+def summary_tables(root: str) -> str:
+    """The compact tables of docs/shapes.md, from the protocols' results.csv: per detector and
+    task, each variant's AP on val and test_hard (mean ± sd over seeds) and its difference to
+    rigid, paired by seed, with the 95% t-interval."""
+    lines = []
+    for protocol in ('finetune', 'scratch'):
+        with open(osp.join(root, protocol, 'results.csv')) as f:
+            rows = [row for row in csv.DictReader(f) if row['metric'] == 'AP' and not row['bin']]
+        for detector, task in (('faster-rcnn', 'bbox'), ('mask-rcnn', 'bbox'),
+                               ('mask-rcnn', 'segm')):
+            cells = {(row['model'], row['split']): row for row in rows
+                     if row['task'] == task and row['model'].startswith(detector)}
+            models = list(dict.fromkeys(model for model, _ in cells))
+            if not models:
+                continue
+            lines += [f'{protocol}, {detector}, {task} AP:', '',
+                      '| conv2 in c3-c5 | seeds | val | Δ val [95% CI] | test_hard | '
+                      'Δ test_hard [95% CI] |', '|---|---:|---:|---:|---:|---:|']
+            for model in models:
+                variant = VARIANT_LABELS[model[len(detector) + 1:-len('_shapes')]]
+                row = [variant, cells[(model, 'val')]['seeds']]
+                for split in ('val', 'test_hard'):
+                    cell = cells[(model, split)]
+                    row.append(f"{cell['mean']} ± {cell['sd']}" if cell['sd'] else cell['mean'])
+                    row.append(difference_cell(cell))
+                lines.append('| ' + ' | '.join(row) + ' |')
+            lines.append('')
+    return '\n'.join(lines)
+
+
+def difference_cell(cell: Dict[str, str]) -> str:
+    if not cell['difference']:
+        return ''
+    text = f"{float(cell['difference']):+.1f}"
+    if cell['ci95_low']:
+        text += f" [{float(cell['ci95_low']):+.1f}, {float(cell['ci95_high']):+.1f}]"
+    return text
+
+
 def erf_slopes(runs: List[Run], root: str, python: str) -> None:
     """erf_seeds.py on every fine-tuned Faster R-CNN: ROOT/finetune/erf_seeds/."""
     out = osp.join(root, 'finetune', 'erf_seeds')
@@ -290,6 +331,8 @@ def main(argv=None) -> int:
         print('failed runs:', *failures, sep='\n  ', file=sys.stderr)
         return 1
     collect(runs, root, args.python)
+    with open(osp.join(root, 'summary.md'), 'w') as f:
+        f.write(summary_tables(root))
     erf_slopes(runs, root, args.python)
     return 0
 
