@@ -191,6 +191,8 @@ def test_collected_units_are_the_generator_outputs_at_object_centres(
                                            [ann['bbox'] for ann in anns]))
     expected = np.concatenate(expected)
     assert np.allclose(units, expected, rtol=1e-4, atol=1e-6)
+    assert summary['models'][name]['mean_abs_unit'] == pytest.approx(np.abs(expected).mean(),
+                                                                    rel=1e-4)
     # Object centres fall on different cells, so a location-dependent unit varies.
     assert np.ptp(units, axis=0).max() > 1e-3
     embedding = np.load(osp.join(out, f'{name}_tsne.npy'))

@@ -14,7 +14,8 @@ object of an image the same vector. The units of each model are embedded with t-
 (scikit-learn) and plotted twice, coloured by object size and by class; as numbers, the
 leave-one-out k-nearest-neighbour agreement in the units themselves (before t-SNE): how often
 the neighbours' majority class is the object's class, and the R^2 of predicting log object
-size by the neighbours' mean.
+size by the neighbours' mean; and their mean absolute value, how far the operator has moved
+from its rigid start.
 
     python tools/analysis_tools/tsne.py \\
         configs/shapes/faster-rcnn_r50-dk-c3-c5_fpn_shapes.py work_dirs/dk/iter_800.pth \\
@@ -237,6 +238,9 @@ def main(argv=None) -> dict:
         np.save(osp.join(args.out, f'{name}_tsne.npy'), embedding.astype(np.float32))
         stats = neighbour_agreement(units, [obj['category'] for obj in objects], log_size,
                                     args.neighbours)
+        # How far the operator has moved from its rigid start (offsets 0): kernel offsets in
+        # scope cells, data offsets in input pixels of the layer.
+        stats['mean_abs_unit'] = float(np.abs(units).mean())
         results.append(dict(name=name, layer=layer_name, description=per_image[0][1],
                             embedding=embedding, stats=stats, dims=units.shape[1]))
     with open(osp.join(args.out, 'objects.csv'), 'w', newline='') as f:
