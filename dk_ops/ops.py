@@ -67,9 +67,9 @@ def deform_kernel_conv2d(input: Tensor,
     dtypes: float32, float64, float16 and bfloat16, all tensors alike; any other (float8
     included) raises a TypeError. The CPU computes float16 / bfloat16 in float32; CUDA keeps
     the sampled scope columns and the GEMMs in that dtype and sums in float32 (like cuDNN
-    convolutions). Under ``torch.autocast("cuda")`` the op behaves like ``conv2d``: its
-    floating-point CUDA tensors (float64 ones excepted) are cast to the autocast dtype and
-    it runs in it.
+    convolutions). Under ``torch.autocast`` ("cpu" or "cuda") the op behaves like ``conv2d``:
+    its floating-point tensors on that device (float64 ones excepted) are cast to the
+    autocast dtype and it runs in it.
 
     Determinism on CUDA: without ``data_offset`` every kernel is deterministic. With
     ``data_offset``, the input gradient is added with atomics, so under

@@ -71,17 +71,23 @@ def test_table_has_a_row_of_finite_ratios_per_variant(rows_and_table):
     assert 'measured on CUDA only' in table
 
 
-def test_float16_amp_step_with_a_gradient_scaler_on_rigid():
-    # On a CPU only rigid has autocast kernels; this runs the AMP path and its loss scaling.
+def test_float16_amp_step_with_a_gradient_scaler_on_rigid_and_dk():
+    # On a CPU rigid and the DK variants have autocast kernels; this runs the AMP path and its
+    # loss scaling, and the DK layers after the (float16) convs of the network.
+    dk_variants = ['dk_local', 'dk_global', 'dk_dcn']
     rows = benchmark_backbone.main(
-        TINY + ['--models', 'resnet50', '--variants', 'rigid', '--amp', 'float16'])
-    assert [row['variant'] for row in rows] == ['rigid']
-    assert math.isfinite(rows[0]['last_loss'])
+        TINY + ['--models', 'resnet50', '--variants', 'rigid', *dk_variants, '--amp', 'float16'])
+    assert [row['variant'] for row in rows] == ['rigid', *dk_variants]
+    for row in rows:
+        assert row['layers'] == {LAYER_CLASSES[row['variant']].__name__: CONV2_IN_LAYER2_TO_4}
+        assert math.isfinite(row['last_loss']), row
 
 
-def test_amp_refuses_variants_without_autocast_kernels_on_the_cpu():
-    with pytest.raises(ValueError, match=r"dk_local.*AutocastCPU"):
-        benchmark_backbone.main(TINY + ['--amp', 'bfloat16', '--variants', 'dk_local'])
+def test_amp_refuses_torchvision_dcn_on_the_cpu():
+    # torchvision's deform_conv2d has no AutocastCPU kernel; dk_ops' op has one.
+    with pytest.raises(ValueError, match=r"\['torchvision_dcn'\] have no AutocastCPU"):
+        benchmark_backbone.main(
+            TINY + ['--amp', 'bfloat16', '--variants', 'dk_local', 'torchvision_dcn'])
 
 
 def test_image_too_small_for_batchnorm_is_refused(capsys):

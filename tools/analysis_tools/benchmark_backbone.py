@@ -15,8 +15,8 @@ peak memory (CUDA only), both also as ratios to rigid, and judges the GPU target
     python tools/analysis_tools/benchmark_backbone.py --device cpu --batch 1 --image-size 64 64 \
         --repeats 1                                   # a quick check of the script on a CPU
 
---amp runs the step under torch.autocast (float16 with a gradient scaler). On a CPU neither
-dk_ops nor torchvision's deform_conv2d has an autocast kernel, so there only rigid can run it.
+--amp runs the step under torch.autocast (float16 with a gradient scaler). On a CPU
+torchvision's deform_conv2d has no autocast kernel, so there all but torchvision_dcn can run it.
 """
 import argparse
 import collections
