@@ -112,9 +112,9 @@ cuda-check: $(CUDA_VENV)/.test-stack-installed
 	$(CUDA_VENV)/bin/python -c 'import glob, torch; \
 	torch.ops.load_library(glob.glob("$(CUDA_CHECK_DIR)/lib/dk_ops/_C.*.so")[0]); \
 	has = torch._C._dispatch_has_kernel_for_dispatch_key; \
-	missing = [(op, key) for op, keys in (("deform_kernel_conv2d", ("CPU", "CUDA", "AutocastCUDA")), \
-	                                      ("deform_kernel_conv2d_backward", ("CPU", "CUDA"))) \
-	           for key in keys if not has("dk_ops::" + op, key)]; \
+	missing = [(op, key) for op in ("deform_kernel_conv2d", "deform_kernel_conv2d_backward") \
+	           for key in ("CPU", "CUDA", "AutocastCPU", "AutocastCUDA") \
+	           if not has("dk_ops::" + op, key)]; \
 	assert not missing, f"kernels not registered: {missing}"; \
 	print("cuda-check: dk_ops CUDA kernels built for sm_80, sm_90 and registered")'
 	PYTHONPATH=$(CUDA_CHECK_DIR)/lib $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider -rs \
