@@ -192,6 +192,8 @@ def test_summary_tables_hold_ap_and_paired_differences(tmp_path):
     lines = run_study.summary_tables(str(tmp_path)).splitlines()
     assert lines[0] == 'finetune, faster-rcnn, bbox AP:'
     assert lines[4] == '| rigid | 3 | 23.6 ± 0.3 |  | 11.0 ± 0.2 |  |'
-    # AP only (not AP50, not a bin); the difference with its interval, signed
-    assert lines[5] == '| DK | 3 | 24.1 ± 0.5 | +0.5 [-0.7, +1.7] | 10.0 ± 0.4 | -1.0 [-1.9, -0.1] |'
+    # AP only (not AP50, not a bin); the difference with its interval, signed, in bold when
+    # the interval excludes 0
+    assert lines[5] == ('| DK | 3 | 24.1 ± 0.5 | +0.5 [-0.7, +1.7] | 10.0 ± 0.4 | '
+                        '**-1.0 [-1.9, -0.1]** |')
     assert len(lines) == 6  # no scratch rows, no Mask R-CNN table

@@ -251,7 +251,7 @@ def collect(runs: List[Run], root: str, python: str) -> None:
 def summary_tables(root: str) -> str:
     """The compact tables of docs/shapes.md, from the protocols' results.csv: per detector and
     task, each variant's AP on val and test_hard (mean ± sd over seeds) and its difference to
-    rigid, paired by seed, with the 95% t-interval."""
+    rigid, paired by seed, with the 95% t-interval (bold where it excludes 0)."""
     lines = []
     for protocol in ('finetune', 'scratch'):
         with open(osp.join(root, protocol, 'results.csv')) as f:
@@ -279,11 +279,15 @@ def summary_tables(root: str) -> str:
 
 
 def difference_cell(cell: Dict[str, str]) -> str:
+    """'+0.5 [-0.7, +1.7]'; in bold when the interval excludes 0."""
     if not cell['difference']:
         return ''
     text = f"{float(cell['difference']):+.1f}"
     if cell['ci95_low']:
-        text += f" [{float(cell['ci95_low']):+.1f}, {float(cell['ci95_high']):+.1f}]"
+        low, high = float(cell['ci95_low']), float(cell['ci95_high'])
+        text += f' [{low:+.1f}, {high:+.1f}]'
+        if low > 0 or high < 0:
+            text = f'**{text}**'
     return text
 
 
