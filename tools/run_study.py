@@ -243,8 +243,10 @@ def collect(runs: List[Run], root: str, python: str) -> None:
     for protocol in ('finetune', 'scratch'):
         model_dirs = sorted({run.model_dir(root) for run in runs if run.protocol == protocol})
         out = osp.join(root, protocol, 'results')
+        baselines = [name for name in BASELINES
+                     if name in {osp.basename(model_dir) for model_dir in model_dirs}]
         subprocess.run([python, 'tools/analysis_tools/collect_results.py', *model_dirs,
-                        '--baseline', *BASELINES, '--out', f'{out}.md', '--csv', f'{out}.csv'],
+                        '--baseline', *baselines, '--out', f'{out}.md', '--csv', f'{out}.csv'],
                        cwd=REPO_ROOT, check=True)
 
 
