@@ -209,6 +209,20 @@ def pair_models(models: Sequence[str]) -> List[Tuple[str, str]]:
     return list(zip(models[::2], models[1::2]))
 
 
+def parse_model_arguments(parser, args) -> None:
+    """``args.models`` (CONFIG CHECKPOINT ...) as ``args.pairs``, and ``args.names`` (default:
+    the config file names) checked to be one distinct name per model; ``parser.error`` if not.
+    """
+    try:
+        args.pairs = pair_models(args.models)
+    except ValueError as error:
+        parser.error(str(error))
+    args.names = args.names or [model_name(config) for config, _ in args.pairs]
+    if len(args.names) != len(args.pairs) or len(set(args.names)) != len(args.names):
+        parser.error(f'--names needs one distinct name per model, got {args.names} for '
+                     f'{len(args.pairs)} models')
+
+
 def default_ann_file(cfg) -> str:
     """The annotation file of the config's test dataset."""
     dataset = cfg.test_dataloader.dataset

@@ -118,14 +118,18 @@ def test_empty_batch_gradients(problem):
         assert not gradient.any(), name
 
 
-@pytest.mark.parametrize('columns_per_chunk', [1, 7])
-@by_name([
+# Problems whose columns split into chunks inside image rows and images (batch 3).
+CHUNK_BOUNDARY_PROBLEMS = [
     dataclasses.replace(problem, batch=3)
     for problem in problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'stride2_dilation2_pad2',
                                   'groups2_kgroups2', 'mask_only',
                                   'data_offset_mask_dgroups2_groups2',
                                   'global_data_offset_mask_dgroups2')
-])
+]
+
+
+@pytest.mark.parametrize('columns_per_chunk', [1, 7])
+@by_name(CHUNK_BOUNDARY_PROBLEMS)
 def test_small_column_chunks_give_the_same_gradients(problem, columns_per_chunk, monkeypatch):
     # Chunks that end inside image rows and images: on a rigid grid the input gradient of
     # one pixel then sums columns of several chunks.

@@ -18,7 +18,8 @@ import dk_ops
 import dk_ops._C_host_cuda  # noqa: F401  (registers torch.ops.dk_ops_host_cuda)
 from dk_reference import (DCN_PROBLEMS, PROBLEMS, deform_kernel_conv2d_reference,
                           output_and_gradients)
-from test_op_backward import TENSOR_ARGUMENTS, TOLERANCE, assert_gradients_close
+from test_op_backward import (CHUNK_BOUNDARY_PROBLEMS, TENSOR_ARGUMENTS, TOLERANCE,
+                              assert_gradients_close)
 from test_op_cuda import CUDA_PROBLEMS, problems_named
 
 
@@ -86,13 +87,7 @@ def test_deformable_convolutions_match_reference(problem, dtype):
 
 
 @pytest.mark.parametrize('columns_per_chunk', [1, 7])
-@by_name([
-    dataclasses.replace(problem, batch=3)
-    for problem in problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'stride2_dilation2_pad2',
-                                  'groups2_kgroups2', 'mask_only',
-                                  'data_offset_mask_dgroups2_groups2',
-                                  'global_data_offset_mask_dgroups2')
-] + problems_named('wide_k3x2_scope6x5_stride2_dil2_mask'))
+@by_name(CHUNK_BOUNDARY_PROBLEMS + problems_named('wide_k3x2_scope6x5_stride2_dil2_mask'))
 def test_column_chunks_match_reference(problem, columns_per_chunk, monkeypatch):
     # Chunks that end inside image rows and images: the rigid-grid input gradient then gathers
     # each pixel from the columns of several chunks, and skips those of the other chunks.

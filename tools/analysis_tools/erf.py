@@ -62,8 +62,8 @@ from PIL import Image  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from dk_mmdet.analysis import (AnnotatedImage, GroundTruthObject, ImageInput,  # noqa: E402
-                               box_centre, default_ann_file, load_detector, model_name,
-                               pair_models, read_annotated_images, run_to_layer,
+                               box_centre, default_ann_file, load_detector,
+                               parse_model_arguments, read_annotated_images, run_to_layer,
                                to_display_rgb, unit_index)
 
 # COCO's object size ranges, by annotation area in original image pixels.
@@ -295,14 +295,7 @@ def parse_args(argv=None):
     add_common_arguments(parser)
     parser.add_argument('--names', nargs='+', help='model names (default: config file names)')
     args = parser.parse_args(argv)
-    try:
-        args.pairs = pair_models(args.models)
-    except ValueError as error:
-        parser.error(str(error))
-    args.names = args.names or [model_name(config) for config, _ in args.pairs]
-    if len(args.names) != len(args.pairs) or len(set(args.names)) != len(args.names):
-        parser.error(f'--names needs one distinct name per model, got {args.names} for '
-                     f'{len(args.pairs)} models')
+    parse_model_arguments(parser, args)
     check_common_arguments(parser, args)
     return args
 

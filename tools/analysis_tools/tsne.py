@@ -53,7 +53,7 @@ from torch import Tensor, nn  # noqa: E402
 
 import dk_ops  # noqa: E402
 from dk_mmdet.analysis import (ImageInput, box_centre, default_ann_file,  # noqa: E402
-                               load_detector, model_name, pair_models, read_annotated_images,
+                               load_detector, parse_model_arguments, read_annotated_images,
                                run_to_layer, unit_index)
 from dk_mmdet.cond_conv import CondConv2d  # noqa: E402
 
@@ -167,14 +167,7 @@ def parse_args(argv=None):
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='config overrides applied to every model')
     args = parser.parse_args(argv)
-    try:
-        args.pairs = pair_models(args.models)
-    except ValueError as error:
-        parser.error(str(error))
-    args.names = args.names or [model_name(config) for config, _ in args.pairs]
-    if len(args.names) != len(args.pairs) or len(set(args.names)) != len(args.names):
-        parser.error(f'--names needs one distinct name per model, got {args.names} for '
-                     f'{len(args.pairs)} models')
+    parse_model_arguments(parser, args)
     return args
 
 
