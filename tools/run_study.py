@@ -110,6 +110,12 @@ def model_name(detector: str, variant: str) -> str:
     return f'{detector}_{variant}_shapes'
 
 
+def variant_label(model: str) -> str:
+    """The table name of a model_name's variant: 'DK' for faster-rcnn_r50-dk-c3-c5_fpn_shapes."""
+    _, variant = model[:-len('_shapes')].split('_', 1)
+    return VARIANT_LABELS[variant]
+
+
 def study_runs(seeds: int) -> List[Run]:
     """Every run of the study, in the order they start: stage 1, then the protocols in order of
     importance (if the machine is needed back, the main comparison is complete first), each
@@ -121,14 +127,10 @@ def study_runs(seeds: int) -> List[Run]:
             ('finetune', 'faster-rcnn', (RIGID, *MMCV_DCN_VARIANTS, *DK_VARIANTS)),
             ('finetune', 'mask-rcnn', (RIGID, *DK_VARIANTS)),
             ('scratch', 'faster-rcnn', (RIGID, *DK_VARIANTS))):
-        group = []
-        for variant in variants:
-            for seed in range(seeds):
-                if protocol == 'finetune':
-                    group.append(Run(protocol, model_name(detector, variant), seed, FINETUNE,
-                                     load_from=stage1[detector]))
-                else:
-                    group.append(Run(protocol, model_name(detector, variant), seed, SCRATCH))
+        schedule, start = ((FINETUNE, stage1[detector]) if protocol == 'finetune' else
+                           (SCRATCH, None))
+        group = [Run(protocol, model_name(detector, variant), seed, schedule, load_from=start)
+                 for variant in variants for seed in range(seeds)]
         runs += sorted(group, key=Run.cost, reverse=True)
     return runs
 
@@ -182,9 +184,11 @@ def run_steps(run: Run, root: str, python: str, threads: int) -> None:
     work_dir = run.work_dir(root)
     os.makedirs(work_dir, exist_ok=True)
     stamp_file = osp.join(work_dir, 'study_stamp.json')
-    stamp = json.load(open(stamp_file)) if osp.exists(stamp_file) else {
-        'protocol': run.protocol, 'model': run.model, 'seed': run.seed,
-        'schedule': vars(run.schedule), 'steps': {}}
+    stamp = {'protocol': run.protocol, 'model': run.model, 'seed': run.seed,
+             'schedule': vars(run.schedule), 'steps': {}}
+    if osp.exists(stamp_file):
+        with open(stamp_file) as f:
+            stamp = json.load(f)
     config = write_config(run, root)
     seed_option = [f'randomness.seed={run.seed}']
     steps = [('train', ['tools/train.py', config, '--work-dir', work_dir, '--resume',
@@ -270,8 +274,7 @@ def summary_tables(root: str) -> str:
                       '| conv2 in c3-c5 | seeds | val | Δ val [95% CI] | test_hard | '
                       'Δ test_hard [95% CI] |', '|---|---:|---:|---:|---:|---:|']
             for model in models:
-                variant = VARIANT_LABELS[model[len(detector) + 1:-len('_shapes')]]
-                row = [variant, cells[(model, 'val')]['seeds']]
+                row = [variant_label(model), cells[(model, 'val')]['seeds']]
                 for split in ('val', 'test_hard'):
                     cell = cells[(model, split)]
                     row.append(f"{cell['mean']} ± {cell['sd']}" if cell['sd'] else cell['mean'])
@@ -302,8 +305,7 @@ def erf_slopes(runs: List[Run], root: str, python: str) -> None:
     models = []
     for run in runs:
         if run.protocol == 'finetune' and run.model.startswith('faster-rcnn'):
-            variant = run.model[len('faster-rcnn_'):-len('_shapes')]
-            models += ['--model', VARIANT_LABELS[variant], run.config_file(root),
+            models += ['--model', variant_label(run.model), run.config_file(root),
                        last_checkpoint(run.work_dir(root))]
     subprocess.run([python, 'tools/analysis_tools/erf_seeds.py', *models, '--baseline', 'rigid',
                     '--images', f'{DATA_ROOT}val', '--layer', ERF_LAYER,
