@@ -10,12 +10,8 @@ import torch
 from torch import nn
 
 import dk_ops
-from dk_reference import PROBLEMS, deform_kernel_conv2d_reference, output_and_gradients
-
-
-def by_name(*names):
-    return pytest.mark.parametrize('problem', [p for p in PROBLEMS if p.name in names],
-                                   ids=lambda problem: problem.name)
+from dk_reference import deform_kernel_conv2d_reference, output_and_gradients
+from test_op_backward import by_name, problems_named
 
 
 def cast_to(dtype, tensors):
@@ -33,7 +29,7 @@ def test_autocast_kernels_are_registered_for_cpu_and_cuda():
                                                               key), key
 
 
-@by_name('k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2')
+@by_name(problems_named('k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2'))
 def test_float32_runs_in_bfloat16_with_float32_gradients(problem):
     exact = problem.make_inputs(torch.float64)
     # The backward too runs inside the autocast region, as autograd then runs it with autocast
@@ -58,7 +54,7 @@ def test_float32_runs_in_bfloat16_with_float32_gradients(problem):
     torch.testing.assert_close(output.double(), expected, rtol=3e-2, atol=3e-2 * scale)
 
 
-@by_name('data_offset_mask_dgroups2_groups2')
+@by_name(problems_named('data_offset_mask_dgroups2_groups2'))
 def test_float32_input_with_bfloat16_offsets_is_unified(problem):
     # Under autocast the offsets come from a conv (bfloat16) while the input may be float32.
     tensors = problem.make_inputs(torch.float32)
@@ -72,7 +68,7 @@ def test_float32_input_with_bfloat16_offsets_is_unified(problem):
     torch.testing.assert_close(output, by_hand, rtol=0, atol=0)
 
 
-@by_name('data_offset_mask_dgroups2_groups2')
+@by_name(problems_named('data_offset_mask_dgroups2_groups2'))
 def test_float64_is_left_alone(problem):
     tensors = problem.make_inputs(torch.float64)
     with autocast_bfloat16():

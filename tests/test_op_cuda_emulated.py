@@ -20,7 +20,7 @@ from dk_reference import (DCN_PROBLEMS, PROBLEMS, deform_kernel_conv2d_reference
                           output_and_gradients)
 from test_op_backward import (CHUNK_BOUNDARY_PROBLEMS, TENSOR_ARGUMENTS, TOLERANCE,
                               assert_gradients_close)
-from test_op_cuda import CUDA_PROBLEMS, problems_named
+from test_op_cuda import CUDA_PROBLEMS, by_name, problems_named
 
 
 class EmulatedCudaKernels(TorchDispatchMode):
@@ -54,10 +54,6 @@ def assert_matches_reference(problem, tensors, tolerance, **kwargs):
     assert output.dtype == tensors['input'].dtype
     torch.testing.assert_close(output.double(), expected_output, **tolerance)
     assert_gradients_close(gradients, expected, **tolerance)
-
-
-def by_name(problems):
-    return pytest.mark.parametrize('problem', problems, ids=lambda problem: problem.name)
 
 
 # PROBLEMS has every feature of the op at 4 channels (its global problems without data offsets

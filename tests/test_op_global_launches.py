@@ -8,12 +8,11 @@ CPU kernels, which run the same driver code as the CUDA ones."""
 import collections
 import dataclasses
 
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dk_ops
-from dk_reference import PROBLEMS
+from test_op_backward import by_name, problems_named
 
 # Forward + backward of one scope block (groups = kernel_offset_groups = 1) dispatched 237 ATen
 # ops, views included, when this test was written (the per-image backward: 360 at batch 1, 437
@@ -62,9 +61,7 @@ def aten_ops_of_forward_and_backward(problem):
     return counter.counts
 
 
-@pytest.mark.parametrize('problem', [p for p in PROBLEMS
-                                     if p.name in ('global', 'global_scope5_groups2_kgroups2')],
-                         ids=lambda problem: problem.name)
+@by_name(problems_named('global', 'global_scope5_groups2_kgroups2'))
 def test_global_path_ops_do_not_grow_with_the_batch(problem):
     counts = {batch: aten_ops_of_forward_and_backward(dataclasses.replace(problem, batch=batch))
               for batch in (1, 2, 8)}
