@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
 
 import dk_mmdet  # noqa: F401  (registers the DK layers)
 from mmdet_fixtures import load_tool
+from test_init_parity import build_with_seed
 
 run_study = load_tool('run_study.py', 'run_study')
 
@@ -74,15 +74,6 @@ def test_written_config_is_the_variant_with_the_protocols_schedule(tmp_path):
     assert (steps.end, steps.milestones) == (schedule.iters, [int(schedule.iters * 0.8)])
     scratch = run_study.Run('scratch', model, 1, run_study.SCRATCH)
     assert Config.fromfile(run_study.write_config(scratch, root)).load_from is None
-
-
-def build_with_seed(model_cfg):
-    from mmdet.registry import MODELS
-    init_default_scope('mmdet')
-    torch.manual_seed(0)
-    model = MODELS.build(model_cfg)
-    model.init_weights()
-    return model.eval()
 
 
 @pytest.mark.parametrize('model', FINETUNE_MODELS)
