@@ -23,7 +23,8 @@ TENSOR_ARGUMENTS = ('input', 'weight', 'kernel_offset', 'data_offset', 'mask', '
 # Shapes for the CUDA work split that the CPU matrix (4 channels) does not reach: offset
 # groups of more channels than a warp has lanes (and not a multiple of 32), kernel and
 # deform group blocks that cut each other, scopes of more than 16 cells (two passes of the
-# scope-column kernel), and padded strided grids where some taps read no pixel.
+# scope-column kernel), padded strided grids where some taps read no pixel, and the global
+# path's chunks of scope entries.
 CUDA_PROBLEMS = [
     Problem('wide_k3_scope4', batch=3, in_channels=72, out_channels=40, input_size=(13, 11)),
     Problem('wide_scope5_groups2_kgroups2_dgroups3_dcn_mask', in_channels=66, out_channels=8,
@@ -38,6 +39,11 @@ CUDA_PROBLEMS = [
             scope_size=(3, 3), input_size=(11, 10), stride=(3, 3), padding=(2, 2)),
     Problem('wide_global_dcn_mask', in_channels=40, out_channels=24, global_offset=True,
             data_offset=True, mask=True),
+    # The global path's kernels: kernel offset groups that span conv groups, of more scope
+    # entries (18 channels x 16 outputs) than one warp of the offset gradient sums (256), and
+    # 25 scope cells (two passes of the weight gradient).
+    Problem('wide_global_scope5_groups3_kgroups2', in_channels=36, out_channels=48,
+            scope_size=(5, 5), groups=3, kernel_offset_groups=2, global_offset=True),
 ]
 
 

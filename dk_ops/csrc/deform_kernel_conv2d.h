@@ -85,8 +85,29 @@ struct ColumnKernels {
                                 at::Tensor& grad_mask);
 };
 
+// The global path's three kernels (global_kernel.h has their math; the driver runs the
+// convolutions). Each writes every entry of the tensor it receives.
+struct GlobalKernels {
+  // filters (N, C_out, C_in/groups, taps) = every image's kernel sampled from weight.
+  void (*sample_filters)(const DeformKernelGeometry& g, const at::Tensor& weight,
+                         const at::Tensor& kernel_offset, at::Tensor& filters);
+  // grad_weight = sum over images and taps of grad_filters times each sample's corner weights.
+  void (*weight_grad)(const DeformKernelGeometry& g, const at::Tensor& grad_filters,
+                      const at::Tensor& kernel_offset, at::Tensor& grad_weight);
+  // grad_kernel_offset (N, 2*Gk*taps) = sum over the kernel offset group's scope entries of
+  // grad_filters times the derivatives of the samples along the offsets.
+  void (*offset_grad)(const DeformKernelGeometry& g, const at::Tensor& grad_filters,
+                      const at::Tensor& weight, const at::Tensor& kernel_offset,
+                      at::Tensor& grad_kernel_offset);
+};
+
+struct DeviceKernels {
+  ColumnKernels local;
+  GlobalKernels global;
+};
+
 at::Tensor deform_kernel_conv2d_forward(
-    const ColumnKernels& kernels, const at::Tensor& input, const at::Tensor& weight,
+    const DeviceKernels& kernels, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& kernel_offset, const std::optional<at::Tensor>& data_offset,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -95,7 +116,7 @@ at::Tensor deform_kernel_conv2d_forward(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 deform_kernel_conv2d_backward(
-    const ColumnKernels& kernels, const at::Tensor& grad_output, const at::Tensor& input,
+    const DeviceKernels& kernels, const at::Tensor& grad_output, const at::Tensor& input,
     const at::Tensor& weight, const at::Tensor& kernel_offset,
     const std::optional<at::Tensor>& data_offset, const std::optional<at::Tensor>& mask,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,

@@ -7,10 +7,10 @@
 //             grad Z     = gO[cols] @ W'     -> input / offset / mask gradients
 // with the output and its gradient as channels-last rows (N*L, C_out): BLAS runs these
 // shapes faster than their transposes when C_out is small (2-3x at C_out = 32).
-// Global path (kernel_offset (N, 2*Gk*taps), no data offset, no mask): the kernel of every
-// image is A_n @ scope, with A the bilinear sampling matrix of its offsets, the batch runs as
-// one grouped convolution, and the GEMMs of the filters and their gradients take the whole
-// batch at once: a number of ATen calls that does not grow with the batch.
+// Global path (kernel_offset (N, 2*Gk*taps), no data offset, no mask): one device kernel samples
+// the kernel of every image (global_kernel.h), the batch runs as one grouped convolution, and one
+// device kernel each takes the filters' gradient back to the scope and to the offsets: a handful
+// of launches, whatever the batch and the groups.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
@@ -123,111 +123,16 @@ OptionalTensor to_float(const OptionalTensor& t) {
 
 // ------------------------------------------------------------------ global kernel offsets
 
-// Bilinear sampling of global kernel offsets: the matrices A, (N, Gk, taps, S), kernel =
-// A @ scope; and, for the offsets' gradient, the scope cells of each sample's four corners with
-// the derivatives of the corners' weights along the offsets' y and x. In float32 for half /
-// bfloat16 offsets, as the local path's kernels compute coordinates and weights.
-struct GlobalSampling {
-  Tensor weight;      // A, (N, Gk, taps, S)
-  Tensor cell;        // (N, Gk, taps, 4), long; 0 at the corners that sample nothing
-  Tensor derivative;  // (N, Gk, taps, 2, 4): along y, then along x; 0 where nothing is sampled
-};
-
-GlobalSampling global_sampling(const DeformKernelGeometry& g, const Tensor& kernel_offset) {
-  const auto offset = kernel_offset.to(sum_dtype(kernel_offset))
-                          .reshape({g.batch, g.kernel_offset_groups, g.taps(), 2});
-  const auto options = offset.options();
-  const auto tap = at::arange(g.taps(), options.dtype(at::kLong));
-  const auto y = offset.select(3, 0) + (at::div(tap, g.kernel_w, "floor").to(options.dtype()) +
-                                        g.scope_origin_h());
-  const auto x = offset.select(3, 1) + (at::remainder(tap, g.kernel_w).to(options.dtype()) +
-                                        g.scope_origin_w());
-  // Same rule as sampling.h: outside (-1, S) (or NaN / inf) samples nothing.
-  const auto inside = (y > -1) & (y < g.scope_h) & (x > -1) & (x < g.scope_w);
-  // Along one axis, (N, Gk, taps, 2): the cells floor(c) and floor(c) + 1, weighing 1 - l and
-  // l with l = c - floor(c), so their slopes are -1 and +1.
-  const auto step = at::arange(2, options), slope = 2 * step - 1;
-  struct Axis {
-    Tensor cell, weight, valid;
-  };
-  auto axis = [&](const Tensor& coordinate, int64_t size) {
-    const auto low = at::floor(coordinate).unsqueeze(-1), cell = low + step;
-    return Axis{cell, (1 - step) + slope * (coordinate.unsqueeze(-1) - low),
-                (cell >= 0) & (cell < size)};
-  };
-  const auto along_y = axis(y, g.scope_h), along_x = axis(x, g.scope_w);
-  // The four corners: terms along y as rows against terms along x as columns, (..., 2, 2),
-  // flattened to (..., 4).
-  auto rows = [](const Tensor& t) { return t.unsqueeze(-1); };
-  auto columns = [](const Tensor& t) { return t.unsqueeze(-2); };
-  const auto valid =
-      (rows(along_y.valid) & columns(along_x.valid) & rows(rows(inside))).flatten(-2);
-  auto where_valid = [&](const Tensor& corners) {
-    return at::where(valid, corners.flatten(-2), 0);
-  };
-  GlobalSampling a;
-  a.cell = where_valid(rows(along_y.cell) * g.scope_w + columns(along_x.cell)).to(at::kLong);
-  a.weight =
-      at::zeros({g.batch, g.kernel_offset_groups, g.taps(), g.scope_cells()}, options)
-          .scatter_add_(-1, a.cell, where_valid(rows(along_y.weight) * columns(along_x.weight)));
-  a.derivative = at::stack({where_valid(rows(slope) * columns(along_x.weight)),
-                            where_valid(rows(along_y.weight) * slope)},
-                           -2);
-  return a;
-}
-
-// Scope channels that share one conv group and one kernel offset group, and so one sampling
-// matrix: output channels [out_begin, +out_size) x channels [in_begin, +in_size) of weight
-// dim 1. With groups = kernel_offset_groups = 1 it is the whole scope.
-struct ScopeBlock {
-  int64_t out_begin, out_size, in_begin, in_size, kernel_group;
-};
-
-std::vector<ScopeBlock> scope_blocks(const DeformKernelGeometry& g) {
-  const int64_t per_group = g.in_channels / g.groups, out_per_group = g.out_channels / g.groups;
-  const int64_t per_kernel_group = g.in_channels / g.kernel_offset_groups;
-  std::vector<ScopeBlock> blocks;
-  for (int64_t group = 0; group < g.groups; ++group) {
-    for (int64_t c = group * per_group; c < (group + 1) * per_group;) {
-      const int64_t kernel_group = c / per_kernel_group;
-      const int64_t next = std::min((group + 1) * per_group, (kernel_group + 1) * per_kernel_group);
-      blocks.push_back({group * out_per_group, out_per_group, c - group * per_group, next - c,
-                        kernel_group});
-      c = next;
-    }
-  }
-  return blocks;
-}
-
-// (C_out, C_in/groups, X) tensor -> the block's (out_size * in_size, X) rows; a view when
-// the block is whole output-channel rows.
-Tensor block_rows(const Tensor& t, const ScopeBlock& block) {
-  return t.narrow(0, block.out_begin, block.out_size)
-      .narrow(1, block.in_begin, block.in_size)
-      .reshape({block.out_size * block.in_size, t.size(2)});
-}
-
-// One kernel per image: (N * C_out, C_in/groups, K_h, K_w) filters for the batched conv.
-// Per block, one GEMM for the whole batch: scope rows (R, S) @ [A_0^T ... A_N-1^T] (S, N * taps),
-// then a copy into image-major order. (Per image, the (R, S) @ (S, taps) GEMMs ran at a
-// fraction of memory speed: 8.6 ms against 4.7 ms for this with c5's 512 x 512 scope, batch 2.)
-Tensor global_filters(const DeformKernelGeometry& g, const Tensor& weight,
-                      const GlobalSampling& sampling) {
-  const auto scope = weight.reshape({g.out_channels, g.in_channels / g.groups, g.scope_cells()});
-  auto filters = at::empty({g.batch, g.out_channels, g.in_channels / g.groups, g.taps()},
+// One kernel per image: (N * C_out, C_in/groups, K_h, K_w) filters for the batched conv, sampled
+// by one device kernel.
+Tensor global_filters(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                      const Tensor& weight, const Tensor& kernel_offset) {
+  auto filters = at::empty({g.batch * g.out_channels, g.in_channels / g.groups, g.kernel_h,
+                            g.kernel_w},
                            weight.options());
-  for (const auto& block : scope_blocks(g)) {
-    const auto samplings = sampling.weight.select(1, block.kernel_group)  // (N, taps, S)
-                               .reshape({g.batch * g.taps(), g.scope_cells()})
-                               .to(weight.scalar_type());
-    const auto kernels = at::mm(block_rows(scope, block), samplings.t())  // (R, N * taps)
-                             .view({block.out_size, block.in_size, g.batch, g.taps()});
-    filters.narrow(1, block.out_begin, block.out_size)
-        .narrow(2, block.in_begin, block.in_size)
-        .copy_(kernels.permute({2, 0, 1, 3}));
-  }
-  return filters.view({g.batch * g.out_channels, g.in_channels / g.groups, g.kernel_h,
-                       g.kernel_w});
+  RECORD_FUNCTION("dk_ops::sample_global_filters", std::vector<c10::IValue>());
+  kernels.sample_filters(g, weight, kernel_offset, filters);
+  return filters;
 }
 
 // The batch as one image of N * C channels.
@@ -235,9 +140,10 @@ Tensor batch_as_channels(const Tensor& t) {
   return t.reshape({1, t.size(0) * t.size(1), t.size(2), t.size(3)});
 }
 
-Tensor global_forward(const DeformKernelGeometry& g, const Tensor& input, const Tensor& weight,
-                      const Tensor& kernel_offset, const OptionalTensor& bias) {
-  const auto filters = global_filters(g, weight, global_sampling(g, kernel_offset));
+Tensor global_forward(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                      const Tensor& input, const Tensor& weight, const Tensor& kernel_offset,
+                      const OptionalTensor& bias) {
+  const auto filters = global_filters(kernels, g, weight, kernel_offset);
   const OptionalTensor batch_bias = bias ? OptionalTensor(bias->repeat({g.batch})) : std::nullopt;
   return at::convolution(batch_as_channels(input), filters, batch_bias, {g.stride_h, g.stride_w},
                          {g.pad_h, g.pad_w}, {g.dilation_h, g.dilation_w}, false, {0, 0},
@@ -245,64 +151,32 @@ Tensor global_forward(const DeformKernelGeometry& g, const Tensor& input, const 
       .view({g.batch, g.out_channels, g.out_h, g.out_w});
 }
 
-// Gradients of (input, weight, kernel_offset); undefined where not needed.
-std::array<Tensor, 3> global_backward(const DeformKernelGeometry& g, const Tensor& grad_output,
-                                      const Tensor& input, const Tensor& weight,
-                                      const Tensor& kernel_offset, std::array<bool, 3> needed) {
-  const auto sampling = global_sampling(g, kernel_offset);
+// Gradients of (input, weight, kernel_offset); undefined where not needed. The convolution's
+// backward gives the input's and the filters' gradients; one device kernel takes the filters'
+// gradient back to the scope, another to the offsets.
+std::array<Tensor, 3> global_backward(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                                      const Tensor& grad_output, const Tensor& input,
+                                      const Tensor& weight, const Tensor& kernel_offset,
+                                      std::array<bool, 3> needed) {
   const bool need_filters = needed[1] || needed[2];
   auto [grad_batch_input, grad_filters, unused_grad_bias] = at::convolution_backward(
-      batch_as_channels(grad_output), batch_as_channels(input), global_filters(g, weight, sampling),
-      std::nullopt, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {g.dilation_h, g.dilation_w},
-      false, {0, 0}, g.batch * g.groups, {needed[0], need_filters, false});
+      batch_as_channels(grad_output), batch_as_channels(input),
+      global_filters(kernels, g, weight, kernel_offset), std::nullopt, {g.stride_h, g.stride_w},
+      {g.pad_h, g.pad_w}, {g.dilation_h, g.dilation_w}, false, {0, 0}, g.batch * g.groups,
+      {needed[0], need_filters, false});
   std::array<Tensor, 3> grads;
   if (needed[0]) grads[0] = grad_batch_input.view_as(input);
   if (!need_filters) return grads;
-  // Per block, one GEMM for the whole batch each, with gK = [gK_0 ... gK_N-1] (R, N * taps) the
-  // block's kernel gradients and A = [A_0; ...; A_N-1] (N * taps, S) its sampling matrices:
-  //   grad scope rows = gK @ A            (the sum over images inside the GEMM)
-  //   grad A          = gK^T @ scope rows (summed over the blocks of a kernel offset group)
-  // In sum_dtype, like the sampling matrices: half / bfloat16 operands are converted to float32
-  // (at::mm's out_dtype overload is CUDA-only and newer than torch 2.4). gK is converted by the
-  // copy that puts it in this order; the GEMMs have a small side (N * taps or S), so they run at
-  // memory speed, and float32 costs wider reads, not slower arithmetic.
-  const auto sums = sampling.weight.options();
-  const int64_t in_per_group = g.in_channels / g.groups;
-  auto grad_kernels = at::empty({g.out_channels, in_per_group, g.batch, g.taps()}, sums);
-  grad_kernels.copy_(grad_filters.reshape({g.batch, g.out_channels, in_per_group, g.taps()})
-                         .permute({1, 2, 0, 3}));
-  grad_kernels = grad_kernels.view({g.out_channels, in_per_group, -1});  // (.., N * taps)
-  const auto scope = weight.to(sums.dtype()).reshape({g.out_channels, in_per_group, -1});
-  // The blocks tile the weight, so each writes its own part of grad_scope.
-  Tensor grad_scope = needed[1] ? at::empty_like(scope) : Tensor();
-  Tensor grad_sampling = needed[2] ? at::zeros_like(sampling.weight) : Tensor();
-  for (const auto& block : scope_blocks(g)) {
-    const auto grad_rows = block_rows(grad_kernels, block);  // (R, N * taps)
-    if (needed[1]) {
-      const auto samplings = sampling.weight.select(1, block.kernel_group)  // (N, taps, S)
-                                 .reshape({g.batch * g.taps(), g.scope_cells()});
-      auto grad_block = grad_scope.narrow(0, block.out_begin, block.out_size)
-                            .narrow(1, block.in_begin, block.in_size);
-      if (grad_block.is_contiguous()) {  // whole output channels: always with one block
-        auto grad_block_rows = grad_block.view({-1, g.scope_cells()});
-        at::mm_out(grad_block_rows, grad_rows, samplings);
-      } else {
-        grad_block.copy_(at::mm(grad_rows, samplings).view(grad_block.sizes()));
-      }
-    }
-    if (needed[2]) {
-      grad_sampling.select(1, block.kernel_group)
-          .add_(at::mm(grad_rows.t(), block_rows(scope, block))
-                    .view({g.batch, g.taps(), g.scope_cells()}));
-    }
+  grad_filters = grad_filters.contiguous();
+  if (needed[1]) {
+    grads[1] = at::empty_like(weight);
+    RECORD_FUNCTION("dk_ops::global_weight_grad", std::vector<c10::IValue>());
+    kernels.weight_grad(g, grad_filters, kernel_offset, grads[1]);
   }
-  if (needed[1]) grads[1] = grad_scope.view(weight.sizes()).to(weight.scalar_type());
   if (needed[2]) {
-    // d loss / d offset = sum over the four corners of d loss / d A[cell] * d A[cell] / d offset.
-    grads[2] = (grad_sampling.gather(-1, sampling.cell).unsqueeze(-2) * sampling.derivative)
-                   .sum(-1)
-                   .reshape(kernel_offset.sizes())
-                   .to(kernel_offset.scalar_type());
+    grads[2] = at::empty_like(kernel_offset);
+    RECORD_FUNCTION("dk_ops::global_offset_grad", std::vector<c10::IValue>());
+    kernels.offset_grad(g, grad_filters, weight, kernel_offset, grads[2]);
   }
   return grads;
 }
@@ -331,7 +205,7 @@ std::pair<int64_t, int64_t> rigid_input_rows(const ColumnChunk& chunk) {
 }
 
 Tensor deform_kernel_conv2d_forward(
-    const ColumnKernels& kernels, const Tensor& input, const Tensor& weight,
+    const DeviceKernels& kernels, const Tensor& input, const Tensor& weight,
     const Tensor& kernel_offset, const OptionalTensor& data_offset, const OptionalTensor& mask,
     const OptionalTensor& bias, at::IntArrayRef kernel_size, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -349,8 +223,8 @@ Tensor deform_kernel_conv2d_forward(
   }
   if (g.batch == 0) return at::empty({0, g.out_channels, g.out_h, g.out_w}, input.options());
   if (uses_global_path(g, data_offset, mask)) {
-    return global_forward(g, input.contiguous(), weight.contiguous(), kernel_offset.contiguous(),
-                          contiguous(bias));
+    return global_forward(kernels.global, g, input.contiguous(), weight.contiguous(),
+                          kernel_offset.contiguous(), contiguous(bias));
   }
   auto chunk = whole_batch(g, input, kernel_offset, data_offset, mask);
   const auto weight_rows = weight_cells_last(g, weight);
@@ -360,7 +234,7 @@ Tensor deform_kernel_conv2d_forward(
   for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
     chunk.count = std::min(step, columns - chunk.first);
     auto z_chunk = z.narrow(0, 0, chunk.count);
-    scatter_scope_columns(kernels, chunk, z_chunk);
+    scatter_scope_columns(kernels.local, chunk, z_chunk);
     const auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
     for (int64_t group = 0; group < g.groups; ++group) {
       auto out_part = group_part(out_chunk, 1, g.groups, group);
@@ -374,7 +248,7 @@ Tensor deform_kernel_conv2d_forward(
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward(
-    const ColumnKernels& kernels, const Tensor& grad_output, const Tensor& input,
+    const DeviceKernels& kernels, const Tensor& grad_output, const Tensor& input,
     const Tensor& weight, const Tensor& kernel_offset, const OptionalTensor& data_offset,
     const OptionalTensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
@@ -410,7 +284,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
             need_mask ? result(true, Tensor(), *mask) : empty()};
   }
   if (uses_global_path(g, data_offset, mask)) {
-    auto grads = global_backward(g, grad_output.contiguous(), input.contiguous(),
+    auto grads = global_backward(kernels.global, g, grad_output.contiguous(), input.contiguous(),
                                  weight.contiguous(), kernel_offset.contiguous(),
                                  {need_input, need_weight, need_kernel_offset});
     return {result(need_input, grads[0], input), result(need_weight, grads[1], weight),
@@ -445,7 +319,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
     const auto grad_out_chunk = grad_out_rows.narrow(0, chunk.first, chunk.count);
     if (need_weight) {
       auto z_chunk = z.narrow(0, 0, chunk.count);
-      scatter_scope_columns(kernels, chunk, z_chunk);
+      scatter_scope_columns(kernels.local, chunk, z_chunk);
       for (int64_t group = 0; group < g.groups; ++group) {
         add_product(grad_weight_cols[group], group_part(z_chunk, 1, g.groups, group).t(),
                     group_part(grad_out_chunk, 1, g.groups, group));
@@ -458,10 +332,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
       at::mm_out(grad_z_part, group_part(grad_out_chunk, 1, g.groups, group),
                  group_part(weight_rows, 0, g.groups, group));
     }
-    if (need_input) gather_input_grad(kernels, chunk, grad_z_chunk, grad_input_cl);
+    if (need_input) gather_input_grad(kernels.local, chunk, grad_z_chunk, grad_input_cl);
     if (need_kernel_offset || need_data_offset || need_mask) {
-      offset_and_mask_grads(kernels, chunk, grad_z_chunk, grad_kernel_columns, grad_data_columns,
-                            grad_mask_columns);
+      offset_and_mask_grads(kernels.local, chunk, grad_z_chunk, grad_kernel_columns,
+                            grad_data_columns, grad_mask_columns);
     }
   }
 

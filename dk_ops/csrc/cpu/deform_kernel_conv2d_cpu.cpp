@@ -1,4 +1,5 @@
-// CPU column kernels of deform_kernel_conv2d (the shared driver does layouts and GEMMs).
+// CPU kernels of deform_kernel_conv2d: the local path's column kernels and the global path's
+// (the shared driver does layouts, GEMMs and convolutions).
 //
 // A row of Z, the scope columns, is Z[col] = sum_taps B_s(q) * m * X(p) laid out as
 // (groups, S, C_in/groups); the input is channels-last. For one column and one tap the
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "../deform_kernel_conv2d.h"
+#include "../global_kernel.h"
 #include "../sampling.h"
 
 namespace dk_ops {
@@ -442,8 +444,133 @@ void offset_and_mask_grads(const ColumnChunk& chunk, const Tensor& grad_z,
   });
 }
 
-constexpr ColumnKernels kCpuKernels{scatter_scope_columns, gather_input_grad,
-                                    offset_and_mask_grads};
+// ------------------------------------------------------------------ global path
+
+// The scope corners of every (image, kernel offset group, tap), found once for all entries.
+template <typename T>
+std::vector<Corners<T>> global_corners(const GlobalGeometry& gg, const Tensor& kernel_offset) {
+  const T* offset = kernel_offset.data_ptr<T>();
+  std::vector<Corners<T>> corners;
+  corners.reserve(gg.batch * gg.kernel_groups * gg.taps);
+  for (int64_t n = 0; n < gg.batch; ++n) {
+    for (int64_t kg = 0; kg < gg.kernel_groups; ++kg) {
+      for (int64_t tap = 0; tap < gg.taps; ++tap) {
+        corners.push_back(corners_of(gg.point<T>(offset, n, kg, tap), gg.scope_h, gg.scope_w));
+      }
+    }
+  }
+  return corners;
+}
+
+template <typename T>
+void sample_global_filters_impl(const DeformKernelGeometry& g, const Tensor& weight,
+                                const Tensor& kernel_offset, Tensor& filters) {
+  const auto gg = GlobalGeometry::of(g);
+  const auto corners = global_corners<T>(gg, kernel_offset);
+  const T* scope = weight.data_ptr<T>();
+  T* out = filters.data_ptr<T>();
+  at::parallel_for(0, gg.batch * gg.entries, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / gg.entries, entry = item % gg.entries;
+      const T* cells = scope + entry * gg.cells;
+      const int64_t kernel_group = gg.kernel_group_of(entry);
+      const auto* tap_corners = &corners[(n * gg.kernel_groups + kernel_group) * gg.taps];
+      for (int64_t tap = 0; tap < gg.taps; ++tap) {
+        const auto& c = tap_corners[tap];
+        T value = 0;
+        for (int k = 0; k < c.count; ++k) value += c.weight[k] * cells[c.index[k]];
+        out[item * gg.taps + tap] = value;
+      }
+    }
+  });
+}
+
+template <typename T>
+void global_weight_grad_impl(const DeformKernelGeometry& g, const Tensor& grad_filters,
+                             const Tensor& kernel_offset, Tensor& grad_weight) {
+  const auto gg = GlobalGeometry::of(g);
+  const auto corners = global_corners<T>(gg, kernel_offset);
+  const T* grad = grad_filters.data_ptr<T>();
+  T* out = grad_weight.data_ptr<T>();
+  at::parallel_for(0, gg.entries, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t entry = begin; entry < end; ++entry) {
+      T* cells = out + entry * gg.cells;
+      std::fill(cells, cells + gg.cells, T(0));
+      const int64_t kg = gg.kernel_group_of(entry);
+      for (int64_t n = 0; n < gg.batch; ++n) {
+        const T* grad_taps = grad + (n * gg.entries + entry) * gg.taps;
+        const auto* tap_corners = &corners[(n * gg.kernel_groups + kg) * gg.taps];
+        for (int64_t tap = 0; tap < gg.taps; ++tap) {
+          const auto& c = tap_corners[tap];
+          for (int k = 0; k < c.count; ++k) cells[c.index[k]] += c.weight[k] * grad_taps[tap];
+        }
+      }
+    }
+  });
+}
+
+// One (image, kernel offset group) per item; its entries summed in double, as they are many
+// (C_out * C_in/Gk/groups).
+template <typename T>
+void global_offset_grad_impl(const DeformKernelGeometry& g, const Tensor& grad_filters,
+                             const Tensor& weight, const Tensor& kernel_offset,
+                             Tensor& grad_kernel_offset) {
+  const auto gg = GlobalGeometry::of(g);
+  const auto corners = global_corners<T>(gg, kernel_offset);
+  const T* grad = grad_filters.data_ptr<T>();
+  const T* scope = weight.data_ptr<T>();
+  T* out = grad_kernel_offset.data_ptr<T>();
+  at::parallel_for(0, gg.batch * gg.kernel_groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> sums(2 * gg.taps);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / gg.kernel_groups, kg = item % gg.kernel_groups;
+      const auto* tap_corners = &corners[item * gg.taps];
+      std::fill(sums.begin(), sums.end(), 0.0);
+      for (int64_t k = 0; k < gg.entries_per_kernel_group(); ++k) {
+        const int64_t entry = gg.entry_of_kernel_group(kg, k);
+        const T* cells = scope + entry * gg.cells;
+        const T* grad_taps = grad + (n * gg.entries + entry) * gg.taps;
+        for (int64_t tap = 0; tap < gg.taps; ++tap) {
+          const auto& c = tap_corners[tap];
+          double along_y = 0, along_x = 0;
+          for (int i = 0; i < c.count; ++i) {
+            along_y += double(c.d_dy[i]) * cells[c.index[i]];
+            along_x += double(c.d_dx[i]) * cells[c.index[i]];
+          }
+          sums[2 * tap] += along_y * grad_taps[tap];
+          sums[2 * tap + 1] += along_x * grad_taps[tap];
+        }
+      }
+      std::copy(sums.begin(), sums.end(), out + item * 2 * gg.taps);
+    }
+  });
+}
+
+void sample_global_filters(const DeformKernelGeometry& g, const Tensor& weight,
+                           const Tensor& kernel_offset, Tensor& filters) {
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "dk_ops_sample_global_filters", [&] {
+    sample_global_filters_impl<scalar_t>(g, weight, kernel_offset, filters);
+  });
+}
+
+void global_weight_grad(const DeformKernelGeometry& g, const Tensor& grad_filters,
+                        const Tensor& kernel_offset, Tensor& grad_weight) {
+  AT_DISPATCH_FLOATING_TYPES(grad_filters.scalar_type(), "dk_ops_global_weight_grad", [&] {
+    global_weight_grad_impl<scalar_t>(g, grad_filters, kernel_offset, grad_weight);
+  });
+}
+
+void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filters,
+                        const Tensor& weight, const Tensor& kernel_offset,
+                        Tensor& grad_kernel_offset) {
+  AT_DISPATCH_FLOATING_TYPES(grad_filters.scalar_type(), "dk_ops_global_offset_grad", [&] {
+    global_offset_grad_impl<scalar_t>(g, grad_filters, weight, kernel_offset, grad_kernel_offset);
+  });
+}
+
+constexpr DeviceKernels kCpuKernels{
+    {scatter_scope_columns, gather_input_grad, offset_and_mask_grads},
+    {sample_global_filters, global_weight_grad, global_offset_grad}};
 
 at::Tensor forward_cpu(const Tensor& input, const Tensor& weight, const Tensor& kernel_offset,
                        const std::optional<Tensor>& data_offset, const std::optional<Tensor>& mask,

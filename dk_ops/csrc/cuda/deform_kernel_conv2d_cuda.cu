@@ -1,7 +1,8 @@
-// CUDA column kernels of deform_kernel_conv2d (the shared driver does layouts and GEMMs).
+// CUDA kernels of deform_kernel_conv2d: the local path's column kernels and the global path's
+// (the shared driver does layouts, GEMMs and convolutions).
 //
 // The same quantities as the CPU kernels (cpu/deform_kernel_conv2d_cpu.cpp) from the same
-// sampling math (sampling.h). A row of Z, the scope columns, is laid out as
+// sampling math (sampling.h, global_kernel.h). A row of Z, the scope columns, is laid out as
 // (groups, S, C_in/groups) and the input is channels-last (N, H, W, C_in), so threads that
 // differ only in their channel read and write consecutive addresses. Work split:
 //   scope columns       one thread per (column, channel): it owns that channel's S cells of Z
@@ -33,6 +34,7 @@
 #include <utility>
 
 #include "../deform_kernel_conv2d.h"
+#include "../global_kernel.h"
 #include "../sampling.h"
 
 namespace dk_ops {
@@ -463,8 +465,166 @@ void offset_and_mask_grads(const ColumnChunk& chunk, const Tensor& grad_z,
       });
 }
 
-constexpr ColumnKernels kCudaKernels{scatter_scope_columns, gather_input_grad,
-                                     offset_and_mask_grads};
+// ------------------------------------------------------------------ global path
+// One thread per filter tap, one per scope entry, one warp per (entries chunk, image, kernel
+// offset group): each output written once, no atomics, so the global path is deterministic.
+
+// filters[n, entry, tap] = the entry's scope sampled where image n moves the tap.
+template <typename scalar_t>
+__global__ void global_filters_kernel(const __grid_constant__ GlobalGeometry gg,
+                                      const scalar_t* scope, const scalar_t* offset,
+                                      scalar_t* filters) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t count = gg.batch * gg.entries * gg.taps;
+  for (int64_t index = first_thread(); index < count; index += thread_stride()) {
+    const int64_t tap = index % gg.taps, entry = (index / gg.taps) % gg.entries;
+    const int64_t n = index / (gg.taps * gg.entries);
+    const scalar_t* cells = scope + entry * gg.cells;
+    acc_t value = 0;
+    for_each_corner(gg.point<acc_t>(offset, n, gg.kernel_group_of(entry), tap), gg.scope_h,
+                    gg.scope_w, [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
+                      value += weight * static_cast<acc_t>(cells[y * gg.scope_w + x]);
+                    });
+    filters[index] = static_cast<scalar_t>(value);
+  }
+}
+
+// grad_scope[entry, cell] = sum over images and taps of B_cell(q) * grad_filters[n, entry, tap]:
+// each thread owns one entry's cells, kCellsPerPass at a time.
+template <typename scalar_t>
+__global__ void global_weight_grad_kernel(const __grid_constant__ GlobalGeometry gg,
+                                          const scalar_t* grad_filters, const scalar_t* offset,
+                                          scalar_t* grad_scope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t entry = first_thread(); entry < gg.entries; entry += thread_stride()) {
+    const int64_t kernel_group = gg.kernel_group_of(entry);
+    for (int64_t pass_begin = 0; pass_begin < gg.cells; pass_begin += kCellsPerPass) {
+      const int64_t pass_end =
+          pass_begin + kCellsPerPass < gg.cells ? pass_begin + kCellsPerPass : gg.cells;
+      acc_t sums[kCellsPerPass] = {};
+      for (int64_t n = 0; n < gg.batch; ++n) {
+        const scalar_t* grad_taps = grad_filters + (n * gg.entries + entry) * gg.taps;
+        for (int64_t tap = 0; tap < gg.taps; ++tap) {
+          const acc_t grad = static_cast<acc_t>(grad_taps[tap]);
+          for_each_corner(gg.point<acc_t>(offset, n, kernel_group, tap), gg.scope_h, gg.scope_w,
+                          [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
+                            const int64_t cell = y * gg.scope_w + x;
+                            if (cell >= pass_begin && cell < pass_end) {
+                              sums[cell - pass_begin] += weight * grad;
+                            }
+                          });
+        }
+      }
+      for (int64_t cell = pass_begin; cell < pass_end; ++cell) {
+        grad_scope[entry * gg.cells + cell] = static_cast<scalar_t>(sums[cell - pass_begin]);
+      }
+    }
+  }
+}
+
+// Scope entries per warp of the offset gradient: enough work per warp, and chunks enough to
+// fill the GPU when the batch is small (c5's 512 x 512 entries: 1024 chunks per image).
+constexpr int64_t kEntriesPerWarp = 8 * kWarpSize;
+
+// The offset gradient's partial sums, partial[chunk, n, kernel_group, tap, axis]: over a chunk of
+// the group's entries, sum_entry grad_filters[n, entry, tap] * sum_corners dB/dq * scope[cell].
+template <typename scalar_t>
+__global__ void global_offset_grad_kernel(const __grid_constant__ GlobalGeometry gg,
+                                          const scalar_t* grad_filters, const scalar_t* scope,
+                                          const scalar_t* offset, int64_t chunks,
+                                          at::opmath_type<scalar_t>* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t items = chunks * gg.batch * gg.kernel_groups;
+  const int64_t group_entries = gg.entries_per_kernel_group();
+  // Every lane of a warp has the same item and taps, so the warp_sum calls are uniform.
+  for (int64_t item = first_thread() / kWarpSize; item < items;
+       item += thread_stride() / kWarpSize) {
+    const int64_t kernel_group = item % gg.kernel_groups;
+    const int64_t n = (item / gg.kernel_groups) % gg.batch;
+    const int64_t k_begin = (item / (gg.kernel_groups * gg.batch)) * kEntriesPerWarp;
+    const int64_t k_end =
+        k_begin + kEntriesPerWarp < group_entries ? k_begin + kEntriesPerWarp : group_entries;
+    for (int64_t tap = 0; tap < gg.taps; ++tap) {
+      const auto point = gg.point<acc_t>(offset, n, kernel_group, tap);
+      acc_t grad_y = 0, grad_x = 0;
+      for (int64_t k = k_begin + lane; k < k_end; k += kWarpSize) {
+        const int64_t entry = gg.entry_of_kernel_group(kernel_group, k);
+        const scalar_t* cells = scope + entry * gg.cells;
+        const acc_t grad =
+            static_cast<acc_t>(grad_filters[(n * gg.entries + entry) * gg.taps + tap]);
+        for_each_corner(point, gg.scope_h, gg.scope_w,
+                        [&](int64_t y, int64_t x, acc_t, acc_t d_dy, acc_t d_dx) {
+                          const acc_t value = static_cast<acc_t>(cells[y * gg.scope_w + x]) * grad;
+                          grad_y += d_dy * value;
+                          grad_x += d_dx * value;
+                        });
+      }
+      grad_y = warp_sum(grad_y);
+      grad_x = warp_sum(grad_x);
+      if (lane == 0) {
+        partial[2 * (item * gg.taps + tap)] = grad_y;
+        partial[2 * (item * gg.taps + tap) + 1] = grad_x;
+      }
+    }
+  }
+}
+
+void sample_global_filters(const DeformKernelGeometry& g, const Tensor& weight,
+                           const Tensor& kernel_offset, Tensor& filters) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto gg = GlobalGeometry::of(g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "dk_ops_sample_global_filters_cuda", [&] {
+        DK_LAUNCH(global_filters_kernel<scalar_t>, blocks_for(filters.numel()), kThreadsPerBlock,
+                  stream)(gg, weight.data_ptr<scalar_t>(), kernel_offset.data_ptr<scalar_t>(),
+                          filters.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+void global_weight_grad(const DeformKernelGeometry& g, const Tensor& grad_filters,
+                        const Tensor& kernel_offset, Tensor& grad_weight) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto gg = GlobalGeometry::of(g);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad_filters.scalar_type(), "dk_ops_global_weight_grad_cuda",
+      [&] {
+        DK_LAUNCH(global_weight_grad_kernel<scalar_t>, blocks_for(gg.entries), kThreadsPerBlock,
+                  stream)(gg, grad_filters.data_ptr<scalar_t>(),
+                          kernel_offset.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filters,
+                        const Tensor& weight, const Tensor& kernel_offset,
+                        Tensor& grad_kernel_offset) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto gg = GlobalGeometry::of(g);
+  const int64_t chunks =
+      std::max<int64_t>(1, (gg.entries_per_kernel_group() + kEntriesPerWarp - 1) / kEntriesPerWarp);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad_filters.scalar_type(), "dk_ops_global_offset_grad_cuda",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        auto partial = at::empty({chunks, grad_kernel_offset.numel()},
+                                 grad_kernel_offset.options().dtype(
+                                     c10::CppTypeToScalarType<acc_t>::value));
+        const int64_t warps = chunks * gg.batch * gg.kernel_groups;
+        DK_LAUNCH(global_offset_grad_kernel<scalar_t>, blocks_for(warps * kWarpSize),
+                  kThreadsPerBlock, stream)(gg, grad_filters.data_ptr<scalar_t>(),
+                                            weight.data_ptr<scalar_t>(),
+                                            kernel_offset.data_ptr<scalar_t>(), chunks,
+                                            partial.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        grad_kernel_offset.view({-1}).copy_(partial.sum(0));  // chunks summed in a fixed order
+      });
+}
+
+constexpr DeviceKernels kCudaKernels{
+    {scatter_scope_columns, gather_input_grad, offset_and_mask_grads},
+    {sample_global_filters, global_weight_grad, global_offset_grad}};
 
 // The kernels run on the input's GPU (mixed devices are refused by the driver's checks).
 std::optional<c10::Device> device_of_input(const Tensor& input) {
