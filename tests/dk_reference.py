@@ -15,6 +15,7 @@ offsets.
 import dataclasses
 from typing import Dict, Optional, Tuple
 
+import pytest
 import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
@@ -233,6 +234,11 @@ DCN_PROBLEMS = [
             dilation=(2, 2), groups=2, deform_groups=2, out_channels=6, kernel_offset_range=0,
             data_offset=True, mask=True),
 ]
+
+
+def by_name(problems):
+    """Parametrizes a test over ``problems``, naming each case after its problem."""
+    return pytest.mark.parametrize('problem', problems, ids=lambda problem: problem.name)
 
 
 def mmcv_deformable_conv(input: Tensor,

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import dk_ops
-from dk_reference import (DCN_PROBLEMS, PROBLEMS, Problem, deform_kernel_conv2d_reference,
-                          mmcv_deformable_conv, non_contiguous, output_and_gradients)
+from dk_reference import (DCN_PROBLEMS, PROBLEMS, Problem, by_name,
+                          deform_kernel_conv2d_reference, mmcv_deformable_conv, non_contiguous,
+                          output_and_gradients)
 
 TOLERANCE = {
     torch.float64: dict(rtol=1e-7, atol=1e-7),
@@ -18,12 +19,10 @@ TOLERANCE = {
 TENSOR_ARGUMENTS = ('input', 'weight', 'kernel_offset', 'data_offset', 'mask', 'bias')
 
 
-def by_name(problems):
-    return pytest.mark.parametrize('problem', problems, ids=lambda problem: problem.name)
-
-
 def problems_named(*names):
-    return [problem for problem in PROBLEMS if problem.name in names]
+    found = [problem for problem in PROBLEMS if problem.name in names]
+    assert len(found) == len(names), f'no problems named {set(names) - {p.name for p in found}}'
+    return found
 
 
 def assert_gradients_close(actual, expected, **tolerance):

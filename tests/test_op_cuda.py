@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dk_ops
-from dk_reference import PROBLEMS, Problem, non_contiguous, output_and_gradients
+from dk_reference import PROBLEMS, Problem, by_name, non_contiguous, output_and_gradients
 from test_op_backward import backward_op_args, forward_op_args, off_the_kinks
 
 pytestmark = pytest.mark.skipif(
@@ -45,10 +45,6 @@ CUDA_PROBLEMS = [
     Problem('wide_global_scope5_groups3_kgroups2', in_channels=36, out_channels=48,
             scope_size=(5, 5), groups=3, kernel_offset_groups=2, global_offset=True),
 ]
-
-
-def by_name(problems):
-    return pytest.mark.parametrize('problem', problems, ids=lambda problem: problem.name)
 
 
 def problems_named(*names):

@@ -16,11 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dk_ops
 import dk_ops._C_host_cuda  # noqa: F401  (registers torch.ops.dk_ops_host_cuda)
-from dk_reference import (DCN_PROBLEMS, PROBLEMS, deform_kernel_conv2d_reference,
+from dk_reference import (DCN_PROBLEMS, PROBLEMS, by_name, deform_kernel_conv2d_reference,
                           output_and_gradients)
 from test_op_backward import (CHUNK_BOUNDARY_PROBLEMS, TENSOR_ARGUMENTS, TOLERANCE,
                               assert_gradients_close)
-from test_op_cuda import CUDA_PROBLEMS, by_name, problems_named
+from test_op_cuda import CUDA_PROBLEMS, problems_named
 
 
 class EmulatedCudaKernels(TorchDispatchMode):

@@ -8,18 +8,14 @@ import torch
 import torch.nn.functional as F
 
 import dk_ops
-from dk_reference import (DCN_PROBLEMS, PROBLEMS, Problem, deform_kernel_conv2d_reference,
-                          mmcv_deformable_conv, non_contiguous)
+from dk_reference import (DCN_PROBLEMS, PROBLEMS, Problem, by_name,
+                          deform_kernel_conv2d_reference, mmcv_deformable_conv, non_contiguous)
 
 # float32 results are compared with the float64 reference of the same (rounded) inputs.
 TOLERANCE = {
     torch.float64: dict(rtol=1e-7, atol=1e-7),
     torch.float32: dict(rtol=1e-4, atol=1e-4),
 }
-
-
-def by_name(problems):
-    return pytest.mark.parametrize('problem', problems, ids=lambda problem: problem.name)
 
 
 def problem_named(name: str) -> Problem:
