@@ -2,9 +2,11 @@
 torchvision's DCN where installed).
 
 For the 3x3 convs of the ResNet-50 stages (batch N, C in = C out, stride 1, padding 1),
-prints the median time of forward+backward (gradients of every input) and its ratio to
-F.conv2d. The cases of a shape are timed in interleaved rounds, so load from other
-processes on a shared machine hits them alike and the ratios stay fair:
+prints the median time of forward+backward (gradients of every input), its ratio to F.conv2d
+and whether that meets the GPU target of issue 15, and on CUDA the step's workspace: its peak
+memory beyond the inputs, the output and the gradients it leaves. The cases of a shape are
+timed in interleaved rounds, so load from other processes on a shared machine hits them alike
+and the ratios stay fair:
 
     python tools/analysis_tools/benchmark_op.py [--batch 2] [--repeats 5] [--device cpu]
                                                 [--stages c3 c4 c5]
@@ -22,6 +24,10 @@ import dk_ops
 
 # (channels, spatial size) of the ResNet-50 stages at 800 px
 STAGES = {'c3': (128, 100), 'c4': (256, 50), 'c5': (512, 25)}
+# Issue 15's targets on a GPU: forward+backward time at most this many times F.conv2d's; and a
+# workspace no larger than torchvision's deform_conv2d's.
+TIME_TARGETS = {'DK local, scope 3': 1.5, 'DK local, scope 4': 2.0, 'DK global, scope 4': 1.3,
+                'DK+DCN, scope 4': 2.5}
 
 
 def synchronize(device):
@@ -47,14 +53,29 @@ def leaf(tensor):
     return tensor.detach().requires_grad_()
 
 
-def forward_backward(fn, *inputs):
+class ForwardBackward:
+    """One forward+backward of ``fn`` on ``inputs``, which it leaves their gradients."""
 
-    def step():
-        for t in inputs:
+    def __init__(self, fn, *inputs):
+        self.fn, self.inputs = fn, inputs
+
+    def __call__(self):
+        for t in self.inputs:
             t.grad = None
-        fn(*inputs).sum().backward()
+        output = self.fn(*self.inputs)
+        output.sum().backward()
+        return output
 
-    return step
+    def workspace_bytes(self, device):
+        """CUDA memory a step needs beyond its inputs, its output and their gradients."""
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
+        output = self()
+        torch.cuda.synchronize(device)
+        held = output.numel() * output.element_size() + sum(
+            t.grad.numel() * t.grad.element_size() for t in self.inputs)
+        return torch.cuda.max_memory_allocated(device) - resident - held
 
 
 def cases(channels, size, batch, device, dtype):
@@ -66,12 +87,12 @@ def cases(channels, size, batch, device, dtype):
 
     def dk(scope, kernel_offset, **kw):
         weight = leaf(torch.randn(channels, channels, scope, scope, **make) * 0.01)
-        return forward_backward(
+        return ForwardBackward(
             lambda x, w, ko, *extra: dk_ops.deform_kernel_conv2d(
                 x, w, ko, kernel_size=3, padding=1, **dict(zip(kw, extra))), x, weight,
             kernel_offset, *kw.values())
 
-    yield 'F.conv2d', forward_backward(lambda x, w: F.conv2d(x, w, padding=1), x, rigid)
+    yield 'F.conv2d', ForwardBackward(lambda x, w: F.conv2d(x, w, padding=1), x, rigid)
     yield 'DK local, scope 3', dk(3, offsets(0.3))
     yield 'DK local, scope 4', dk(4, offsets(0.3))
     yield 'DK global, scope 4', dk(4, leaf(0.3 * torch.randn(batch, 18, **make)))
@@ -86,7 +107,7 @@ def dcn_baselines(x, weight, data_offset, device, dtype):
     except ImportError:
         torchvision_deform_conv2d = None
     if torchvision_deform_conv2d is not None and dtype != torch.bfloat16:  # it has no bf16
-        yield 'torchvision DCN', forward_backward(
+        yield 'torchvision DCN', ForwardBackward(
             lambda x, w, off: torchvision_deform_conv2d(x, off, w, padding=1), x, weight,
             data_offset)
     try:
@@ -97,7 +118,7 @@ def dcn_baselines(x, weight, data_offset, device, dtype):
         return
     if device.type == 'cuda' and get_compiling_cuda_version() == 'not available':
         return  # this mmcv was built without its CUDA ops
-    yield 'mmcv DCN', forward_backward(
+    yield 'mmcv DCN', ForwardBackward(
         lambda x, w, off: deform_conv2d(x, off, w, 1, 1, 1, 1, 1, False, x.shape[0]), x, weight,
         data_offset)
 
@@ -128,15 +149,34 @@ def main():
              if device.type == 'cuda' else f'threads={torch.get_num_threads()}')
     print(f'device={device} ({where}) dtype={args.dtype} batch={args.batch}'
           f' torch={torch.__version__}')
-    print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d |')
-    print('|---|---|---|---|')
+    print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d | workspace MiB | targets |')
+    print('|---|---|---|---|---|---|')
     for channels, size in shapes:
         names, steps = zip(*cases(channels, size, args.batch, device, dtype))
         seconds = median_times(steps, device, args.repeats)
+        workspaces = dict(zip(names, (step.workspace_bytes(device) / 2**20 for step in steps))
+                          if device.type == 'cuda' else {})
         for name, time_ in zip(names, seconds):
+            ratio = time_ / seconds[0]
             print(f'| ({args.batch}, {channels}, {size}, {size}) | {name} | '
-                  f'{time_ * 1e3:.1f} | {time_ / seconds[0]:.2f} |', flush=True)
+                  f'{time_ * 1e3:.1f} | {ratio:.2f} | '
+                  f'{f"{workspaces[name]:.1f}" if workspaces else "-"} | '
+                  f'{targets(name, ratio, workspaces)} |', flush=True)
+    if device.type != 'cuda':
+        print('The workspace is measured on CUDA only (torch.cuda.max_memory_allocated), and the '
+              'targets are judged there.')
 
+
+def targets(name, ratio, workspaces):
+    """Issue 15's verdicts for one row on CUDA (``workspaces`` empty elsewhere)."""
+    if name not in TIME_TARGETS or not workspaces:
+        return ''
+    verdicts = [f'time <= {TIME_TARGETS[name]:.1f}x: '
+                f'{"met" if ratio <= TIME_TARGETS[name] else "missed"}']
+    if 'torchvision DCN' in workspaces:
+        met = workspaces[name] <= workspaces['torchvision DCN']
+        verdicts.append(f'workspace <= torchvision DCN\'s: {"met" if met else "missed"}')
+    return '; '.join(verdicts)
 
 if __name__ == '__main__':
     main()

@@ -1,0 +1,44 @@
+"""tools/analysis_tools/benchmark_op.py on a CPU at a tiny size: every case runs and gets a row,
+and the verdicts against issue 15's GPU targets are judged right. (The workspace column needs
+CUDA; `tools/gpu_check.sh` runs the script there.)"""
+import contextlib
+import io
+import sys
+
+from work_dir_fixtures import load_tool
+
+benchmark_op = load_tool('benchmark_op')
+
+DK_CASES = ['DK local, scope 3', 'DK local, scope 4', 'DK global, scope 4', 'DK+DCN, scope 4']
+
+
+def run(monkeypatch, *args):
+    monkeypatch.setattr(sys, 'argv', ['benchmark_op.py', *args])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        benchmark_op.main()
+    return printed.getvalue().splitlines()
+
+
+def test_every_case_gets_a_row_with_its_ratio_to_conv2d(monkeypatch):
+    lines = run(monkeypatch, '--shrink', '8', '--stages', 'c5', '--repeats', '1')
+    rows = [line.strip('|').split('|') for line in lines if line.startswith('| (2, 64, 3, 3)')]
+    cells = {row[1].strip(): [cell.strip() for cell in row] for row in rows}
+    assert list(cells)[:5] == ['F.conv2d'] + DK_CASES
+    assert cells['F.conv2d'][3] == '1.00'
+    for name, row in cells.items():
+        assert float(row[2]) > 0 and float(row[3]) > 0, name
+        assert row[4] == '-' and row[5] == '', name  # no workspace and no verdicts on a CPU
+    assert lines[-1].startswith('The workspace is measured on CUDA only')
+
+
+def test_targets_judge_time_and_workspace():
+    workspaces = {'F.conv2d': 0.0, 'DK local, scope 4': 12.0, 'torchvision DCN': 10.0}
+    assert benchmark_op.targets('DK local, scope 4', 1.9, workspaces) == (
+        "time <= 2.0x: met; workspace <= torchvision DCN's: missed")
+    assert benchmark_op.targets('DK local, scope 4', 2.1, dict(workspaces, **{
+        'DK local, scope 4': 10.0})) == "time <= 2.0x: missed; workspace <= torchvision DCN's: met"
+    assert benchmark_op.targets('DK global, scope 4', 1.3, {'DK global, scope 4': 1.0}) == (
+        'time <= 1.3x: met')
+    assert benchmark_op.targets('F.conv2d', 1.0, workspaces) == ''
+    assert benchmark_op.targets('DK local, scope 4', 1.0, {}) == ''  # a CPU: nothing judged
