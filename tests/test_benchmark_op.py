@@ -3,7 +3,10 @@ and the verdicts against issue 15's GPU targets are judged right. (The workspace
 CUDA; `tools/gpu_check.sh` runs the script there.)"""
 import contextlib
 import io
+import os
 import sys
+
+import torch
 
 from work_dir_fixtures import load_tool
 
@@ -21,10 +24,14 @@ def run(monkeypatch, *args):
 
 
 def test_every_case_gets_a_row_with_its_ratio_to_conv2d(monkeypatch):
-    lines = run(monkeypatch, '--shrink', '8', '--stages', 'c5', '--repeats', '1')
+    monkeypatch.delenv('DK_OPS_MAX_COLUMN_BYTES', raising=False)
+    lines = run(monkeypatch, '--shrink', '8', '--stages', 'c5', '--repeats', '1',
+                '--column-mib', '1')
     rows = [line.strip('|').split('|') for line in lines if line.startswith('| (2, 64, 3, 3)')]
     cells = {row[1].strip(): [cell.strip() for cell in row] for row in rows}
-    assert list(cells)[:5] == ['F.conv2d'] + DK_CASES
+    assert list(cells)[:6] == ['F.conv2d', *DK_CASES[:2], 'DK local, scope 4, 1 MiB columns',
+                               *DK_CASES[2:]]
+    assert 'DK_OPS_MAX_COLUMN_BYTES' not in os.environ
     assert cells['F.conv2d'][3] == '1.00'
     for name, row in cells.items():
         assert float(row[2]) > 0 and float(row[3]) > 0, name
@@ -42,3 +49,12 @@ def test_targets_judge_time_and_workspace():
         'time <= 1.3x: met')
     assert benchmark_op.targets('F.conv2d', 1.0, workspaces) == ''
     assert benchmark_op.targets('DK local, scope 4', 1.0, {}) == ''  # a CPU: nothing judged
+
+
+def test_a_case_runs_with_its_environment(monkeypatch):
+    monkeypatch.setenv('BENCHMARK_OP_TEST', 'before')
+    x = torch.ones(3, requires_grad=True)
+    scale = lambda x: x * float(len(os.environ['BENCHMARK_OP_TEST']))  # noqa: E731
+    benchmark_op.ForwardBackward(scale, x, env={'BENCHMARK_OP_TEST': 'four'})()
+    assert x.grad.tolist() == [4.0, 4.0, 4.0]
+    assert os.environ['BENCHMARK_OP_TEST'] == 'before'

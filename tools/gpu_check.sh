@@ -105,6 +105,7 @@ if [ "$DRY_RUN" = 1 ]; then
     cuda_build=(FORCE_CUDA=0)
     arch=none
     op_bench=(--device cpu --shrink 8 --repeats 1)
+    column_mib=(--column-mib 1)
     backbone_bench=(--device cpu --batch 1 --image-size 64 64 --repeats 1)
     # AMP on a CPU: rigid alone, to keep the dry run short (torchvision's DCN cannot run it).
     amp_variants=(--variants rigid)
@@ -114,6 +115,8 @@ else
     mode=GPU
     cuda_build=(FORCE_CUDA=1 "TORCH_CUDA_ARCH_LIST=$arch")
     op_bench=(--device cuda --repeats 30)
+    # The local path's column buffer: 16 MiB by default on a GPU, never timed against others.
+    column_mib=(--column-mib 64 256)
     backbone_bench=(--device cuda --repeats 10)
     amp_variants=()
     smi=$(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
@@ -140,9 +143,10 @@ tests_and_benchmarks() {
         tests/test_op_backward.py tests/test_op_errors.py tests/test_modules.py
 
     bench=tools/analysis_tools/benchmark_op.py
-    step bench_op_float32 45 "$PYTHON" $bench "${op_bench[@]}"
+    step bench_op_float32 45 "$PYTHON" $bench "${op_bench[@]}" "${column_mib[@]}"
     step bench_op_tf32 45 "$PYTHON" $bench "${op_bench[@]}" --tf32
-    step bench_op_bfloat16_batch8 45 "$PYTHON" $bench "${op_bench[@]}" --dtype bfloat16 --batch 8
+    step bench_op_bfloat16_batch8 45 "$PYTHON" $bench "${op_bench[@]}" --dtype bfloat16 --batch 8 \
+        "${column_mib[@]}"
 
     bench=tools/analysis_tools/benchmark_backbone.py
     step bench_backbone_float32 90 "$PYTHON" $bench "${backbone_bench[@]}" \

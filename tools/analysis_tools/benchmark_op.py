@@ -12,8 +12,13 @@ and the ratios stay fair:
                                                 [--stages c3 c4 c5]
     python tools/analysis_tools/benchmark_op.py --device cuda --dtype float16 --batch 8
     python tools/analysis_tools/benchmark_op.py --shrink 8 --repeats 1   # a quick check on a CPU
+
+--column-mib 64 256 adds local DK scope 4 with those column buffers (DK_OPS_MAX_COLUMN_BYTES) to
+the cases: the op's default on a GPU is 16 MiB, a guess that nobody has timed against others.
 """
 import argparse
+import contextlib
+import os
 import statistics
 import time
 
@@ -53,17 +58,34 @@ def leaf(tensor):
     return tensor.detach().requires_grad_()
 
 
-class ForwardBackward:
-    """One forward+backward of ``fn`` on ``inputs``, which it leaves their gradients."""
+@contextlib.contextmanager
+def environment(variables):
+    """``os.environ`` with ``variables`` set, restored afterwards."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
-    def __init__(self, fn, *inputs):
-        self.fn, self.inputs = fn, inputs
+
+class ForwardBackward:
+    """One forward+backward of ``fn`` on ``inputs``, which it leaves their gradients, with the
+    environment variables ``env`` set (dk_ops reads its settings on every call)."""
+
+    def __init__(self, fn, *inputs, env=None):
+        self.fn, self.inputs, self.env = fn, inputs, env or {}
 
     def __call__(self):
         for t in self.inputs:
             t.grad = None
-        output = self.fn(*self.inputs)
-        output.sum().backward()
+        with environment(self.env):
+            output = self.fn(*self.inputs)
+            output.sum().backward()
         return output
 
     def workspace_bytes(self, device):
@@ -78,23 +100,26 @@ class ForwardBackward:
         return torch.cuda.max_memory_allocated(device) - resident - held
 
 
-def cases(channels, size, batch, device, dtype):
+def cases(channels, size, batch, device, dtype, column_mib=()):
     """(name, step) pairs; every tensor that a layer would learn or receive requires grad."""
     make = dict(device=device, dtype=dtype)
     x = leaf(torch.randn(batch, channels, size, size, **make))
     rigid = leaf(torch.randn(channels, channels, 3, 3, **make) * 0.01)
     offsets = lambda scale: leaf(scale * torch.randn(batch, 18, size, size, **make))  # noqa: E731
 
-    def dk(scope, kernel_offset, **kw):
+    def dk(scope, kernel_offset, env=None, **kw):
         weight = leaf(torch.randn(channels, channels, scope, scope, **make) * 0.01)
         return ForwardBackward(
             lambda x, w, ko, *extra: dk_ops.deform_kernel_conv2d(
                 x, w, ko, kernel_size=3, padding=1, **dict(zip(kw, extra))), x, weight,
-            kernel_offset, *kw.values())
+            kernel_offset, *kw.values(), env=env)
 
     yield 'F.conv2d', ForwardBackward(lambda x, w: F.conv2d(x, w, padding=1), x, rigid)
     yield 'DK local, scope 3', dk(3, offsets(0.3))
     yield 'DK local, scope 4', dk(4, offsets(0.3))
+    for mib in column_mib:
+        yield (f'DK local, scope 4, {mib} MiB columns',
+               dk(4, offsets(0.3), env={'DK_OPS_MAX_COLUMN_BYTES': str(mib << 20)}))
     yield 'DK global, scope 4', dk(4, leaf(0.3 * torch.randn(batch, 18, **make)))
     yield 'DK+DCN, scope 4', dk(4, offsets(0.3), data_offset=offsets(1.0))
     yield from dcn_baselines(x, rigid, offsets(1.0), device, dtype)
@@ -132,6 +157,8 @@ def main():
     parser.add_argument('--stages', nargs='+', default=list(STAGES), choices=list(STAGES))
     parser.add_argument('--tf32', action='store_true',
                         help='let float32 GEMMs (the op\'s) use TF32, as cuDNN convs do by default')
+    parser.add_argument('--column-mib', type=int, nargs='*', default=[],
+                        help='also time local DK scope 4 with column buffers of these sizes')
     parser.add_argument('--shrink', type=int, default=1,
                         help='divide the channels and the size of each stage by this')
     args = parser.parse_args()
@@ -152,7 +179,7 @@ def main():
     print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d | workspace MiB | targets |')
     print('|---|---|---|---|---|---|')
     for channels, size in shapes:
-        names, steps = zip(*cases(channels, size, args.batch, device, dtype))
+        names, steps = zip(*cases(channels, size, args.batch, device, dtype, args.column_mib))
         seconds = median_times(steps, device, args.repeats)
         workspaces = dict(zip(names, (step.workspace_bytes(device) / 2**20 for step in steps))
                           if device.type == 'cuda' else {})
