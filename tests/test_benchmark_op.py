@@ -47,6 +47,8 @@ def test_targets_judge_time_and_workspace():
         'DK local, scope 4': 10.0})) == "time <= 2.0x: missed; workspace <= torchvision DCN's: met"
     assert benchmark_op.targets('DK global, scope 4', 1.3, {'DK global, scope 4': 1.0}) == (
         'time <= 1.3x: met')
+    assert benchmark_op.targets('DK local, scope 4, 64 MiB columns', 2.1, {
+        'DK local, scope 4, 64 MiB columns': 1.0}) == 'time <= 2.0x: missed'
     assert benchmark_op.targets('F.conv2d', 1.0, workspaces) == ''
     assert benchmark_op.targets('DK local, scope 4', 1.0, {}) == ''  # a CPU: nothing judged
 

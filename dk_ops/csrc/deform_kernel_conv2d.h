@@ -69,7 +69,7 @@ struct ColumnChunk {
 // tap row (a superset: the input-gradient gathers skip columns outside the chunk).
 std::pair<int64_t, int64_t> rigid_input_rows(const ColumnChunk& chunk);
 
-// The three loops that differ per device; the GEMMs, layouts and chunking around them are
+// The loops that differ per device; the GEMMs, layouts and chunking around them are
 // shared (deform_kernel_conv2d_driver.cpp). Each writes only the tensors it receives.
 struct ColumnKernels {
   // z (count, S*C_in) = scope columns of the chunk (every entry written).
@@ -83,6 +83,12 @@ struct ColumnKernels {
   void (*offset_and_mask_grads)(const ColumnChunk& chunk, const at::Tensor& grad_z,
                                 at::Tensor& grad_kernel_offset, at::Tensor& grad_data_offset,
                                 at::Tensor& grad_mask);
+  // Optional (null: none): out_rows (count, C_out) = the chunk's output rows without the bias,
+  // Z @ W'^T computed tile by tile without Z in memory; weight (C_out, C_in/groups, S_h, S_w)
+  // contiguous. The forward calls it in place of scatter_scope_columns and its GEMMs when
+  // DK_OPS_LOCAL_FORWARD=implicit_gemm.
+  void (*implicit_gemm_forward)(const ColumnChunk& chunk, const at::Tensor& weight,
+                                at::Tensor& out_rows) = nullptr;
 };
 
 // The global path's three kernels (global_kernel.h has their math; the driver runs the

@@ -15,6 +15,8 @@
 #include <ATen/record_function.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string_view>
 #include <vector>
 
 #include "deform_kernel_conv2d.h"
@@ -98,6 +100,35 @@ void offset_and_mask_grads(const ColumnKernels& kernels, const ColumnChunk& chun
                            Tensor& grad_data_offset, Tensor& grad_mask) {
   RECORD_FUNCTION("dk_ops::offset_and_mask_grads", std::vector<c10::IValue>());
   kernels.offset_and_mask_grads(chunk, grad_z, grad_kernel_offset, grad_data_offset, grad_mask);
+}
+
+// DK_OPS_LOCAL_FORWARD: how the local path's forward runs, read on every call (like
+// DK_OPS_MAX_COLUMN_BYTES) so that a benchmark or a test can switch between calls:
+//   columns (or unset)  scope columns chunk by chunk, then a GEMM per group (the default)
+//   implicit_gemm       the device's implicit GEMM where it has one (CUDA), the columns where
+//                       not; unmeasured on a GPU as yet (docs/gpu.md)
+bool implicit_gemm_forward_requested() {
+  const char* env = std::getenv("DK_OPS_LOCAL_FORWARD");
+  if (env == nullptr || *env == '\0' || std::string_view(env) == "columns") return false;
+  TORCH_CHECK_VALUE(std::string_view(env) == "implicit_gemm",
+                    "DK_OPS_LOCAL_FORWARD must be 'columns' or 'implicit_gemm' (or unset), got '",
+                    env, "'");
+  return true;
+}
+
+// The forward's output rows by the implicit GEMM: no Z to bound, so every column in one launch,
+// unless DK_OPS_MAX_COLUMN_BYTES asks for chunks (the tests do, to start chunks mid-tile).
+void implicit_gemm_forward(const ColumnKernels& kernels, ColumnChunk& chunk, const Tensor& weight,
+                           Tensor& out_rows) {
+  const int64_t columns = out_rows.size(0);
+  const int64_t step =
+      column_bytes_override() ? columns_per_chunk(chunk.g, chunk.input) : columns;
+  for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
+    chunk.count = std::min(step, columns - chunk.first);
+    auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
+    RECORD_FUNCTION("dk_ops::implicit_gemm_forward", std::vector<c10::IValue>());
+    kernels.implicit_gemm_forward(chunk, weight, out_chunk);
+  }
 }
 
 bool is_reduced_precision(const Tensor& t) {
@@ -213,6 +244,9 @@ Tensor deform_kernel_conv2d_forward(
   const auto g = check_deform_kernel_conv2d_args(input, weight, kernel_offset, data_offset, mask,
                                                  bias, kernel_size, stride, padding, dilation,
                                                  groups, kernel_offset_groups, deform_groups);
+  // Read before any path is taken, so that a wrong value raises whichever path runs.
+  const bool implicit_gemm =
+      implicit_gemm_forward_requested() && kernels.local.implicit_gemm_forward != nullptr;
   if (is_reduced_precision(input) && input.is_cpu()) {  // bfloat16 / half on CPU: in float32
     return deform_kernel_conv2d_forward(kernels, input.to(at::kFloat), weight.to(at::kFloat),
                                         kernel_offset.to(at::kFloat), to_float(data_offset),
@@ -227,19 +261,25 @@ Tensor deform_kernel_conv2d_forward(
                           kernel_offset.contiguous(), contiguous(bias));
   }
   auto chunk = whole_batch(g, input, kernel_offset, data_offset, mask);
-  const auto weight_rows = weight_cells_last(g, weight);
-  const int64_t columns = g.batch * g.positions(), step = columns_per_chunk(g, input);
+  const int64_t columns = g.batch * g.positions();
   auto out_rows = at::empty({columns, g.out_channels}, input.options());
-  auto z = at::empty({std::min(step, columns), g.scope_cells() * g.in_channels}, input.options());
-  for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
-    chunk.count = std::min(step, columns - chunk.first);
-    auto z_chunk = z.narrow(0, 0, chunk.count);
-    scatter_scope_columns(kernels.local, chunk, z_chunk);
-    const auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
-    for (int64_t group = 0; group < g.groups; ++group) {
-      auto out_part = group_part(out_chunk, 1, g.groups, group);
-      at::mm_out(out_part, group_part(z_chunk, 1, g.groups, group),
-                 group_part(weight_rows, 0, g.groups, group).t());
+  if (implicit_gemm) {
+    implicit_gemm_forward(kernels.local, chunk, weight.contiguous(), out_rows);
+  } else {
+    const auto weight_rows = weight_cells_last(g, weight);
+    const int64_t step = columns_per_chunk(g, input);
+    auto z =
+        at::empty({std::min(step, columns), g.scope_cells() * g.in_channels}, input.options());
+    for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
+      chunk.count = std::min(step, columns - chunk.first);
+      auto z_chunk = z.narrow(0, 0, chunk.count);
+      scatter_scope_columns(kernels.local, chunk, z_chunk);
+      const auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
+      for (int64_t group = 0; group < g.groups; ++group) {
+        auto out_part = group_part(out_chunk, 1, g.groups, group);
+        at::mm_out(out_part, group_part(z_chunk, 1, g.groups, group),
+                   group_part(weight_rows, 0, g.groups, group).t());
+      }
     }
   }
   auto output = from_rows(out_rows, g);

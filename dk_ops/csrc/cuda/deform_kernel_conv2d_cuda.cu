@@ -11,6 +11,8 @@
 //                       with data offsets: one thread per (column, channel), atomicAdd
 //   offset/mask grads   one warp per (column, tap, offset group), summing over its channels
 //                       (one writer per gradient entry, deterministic)
+//   implicit GEMM       opt-in forward (implicit_gemm_forward.cuh): a block per tile of
+//                       the output, sampling its Z tiles into shared memory
 // half and bfloat16 are read and written as such; every sum runs in float32 (opmath).
 // The tests also run this file on a CPU, compiled for host threads (host_emulation.h).
 #include <ATen/ATen.h>
@@ -196,8 +198,35 @@ struct ColumnView {
   }
 };
 
-// Z[col, cell, c] = sum over taps of B_cell(q) * m * X_c(p): each thread owns the S cells
-// of one (column, channel), summed kCellsPerPass cells at a time, and writes each once.
+// Adds to sums[cell - pass_begin], for the scope cells [pass_begin, pass_end) of one
+// (column, channel), Z[col, cell, c] = sum over taps of B_cell(q) * m * X_c(p); X is sampled
+// only for the taps with a corner in the pass. Shared by the scope-column kernel and the
+// implicit GEMM (implicit_gemm_forward.cuh).
+template <typename scalar_t>
+__device__ void add_scope_pass(const ColumnView<scalar_t>& v, const Column& col,
+                               const Channel& ch, int64_t pass_begin, int64_t pass_end,
+                               at::opmath_type<scalar_t>* sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t tap = 0; tap < v.taps; ++tap) {
+    const auto scope = v.scope_point(ch.kernel_group, tap, col.global);
+    bool sampled = false;
+    acc_t value = 0;  // m * X(p), sampled once a corner of this pass needs it
+    for_each_corner(scope, v.scope_h, v.scope_w,
+                    [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
+                      const int64_t cell = y * v.scope_w + x;
+                      if (cell < pass_begin || cell >= pass_end) return;
+                      if (!sampled) {
+                        value = v.modulation(ch.deform_group, tap, col.global) *
+                                v.sample(v.data_point(ch.deform_group, tap, col), col, ch);
+                        sampled = true;
+                      }
+                      sums[cell - pass_begin] += weight * value;
+                    });
+  }
+}
+
+// Z[col, cell, c]: each thread owns the S cells of one (column, channel), summed
+// kCellsPerPass cells at a time, and writes each once.
 template <typename scalar_t>
 __global__ void scope_columns_kernel(const __grid_constant__ ColumnView<scalar_t> v, scalar_t* z) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -210,22 +239,7 @@ __global__ void scope_columns_kernel(const __grid_constant__ ColumnView<scalar_t
       const int64_t pass_end =
           pass_begin + kCellsPerPass < v.cells ? pass_begin + kCellsPerPass : v.cells;
       acc_t sums[kCellsPerPass] = {};
-      for (int64_t tap = 0; tap < v.taps; ++tap) {
-        const auto scope = v.scope_point(ch.kernel_group, tap, col.global);
-        bool sampled = false;
-        acc_t value = 0;  // m * X(p), sampled once a corner of this pass needs it
-        for_each_corner(scope, v.scope_h, v.scope_w,
-                        [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
-                          const int64_t cell = y * v.scope_w + x;
-                          if (cell < pass_begin || cell >= pass_end) return;
-                          if (!sampled) {
-                            value = v.modulation(ch.deform_group, tap, col.global) *
-                                    v.sample(v.data_point(ch.deform_group, tap, col), col, ch);
-                            sampled = true;
-                          }
-                          sums[cell - pass_begin] += weight * value;
-                        });
-      }
+      add_scope_pass(v, col, ch, pass_begin, pass_end, sums);
       for (int64_t cell = pass_begin; cell < pass_end; ++cell) {
         z_col[v.z_index(ch, cell)] = static_cast<scalar_t>(sums[cell - pass_begin]);
       }
@@ -622,8 +636,10 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
       });
 }
 
+#include "implicit_gemm_forward.cuh"
+
 constexpr DeviceKernels kCudaKernels{
-    {scatter_scope_columns, gather_input_grad, offset_and_mask_grads},
+    {scatter_scope_columns, gather_input_grad, offset_and_mask_grads, implicit_gemm_forward},
     {sample_global_filters, global_weight_grad, global_offset_grad}};
 
 // The kernels run on the input's GPU (mixed devices are refused by the driver's checks).

@@ -4,8 +4,66 @@
 // torch.ops.dk_ops_host_cuda.*, take CPU tensors; torch.ops.dk_ops is left as it is.
 #include <Python.h>
 
+#include <string>
+
 #define DK_HOST_EMULATION
 #include "../cuda/deform_kernel_conv2d_cuda.cu"
+
+// Kernels that check the emulation itself (tests/test_op_cuda_implicit_gemm.py), each launched
+// as 2 blocks of 64 threads by emulation_self_test(name).
+namespace dk_ops::host_emulation {
+namespace {
+
+constexpr int kSelfTestBlocks = 2, kSelfTestThreads = 64;
+
+// out[thread] = the global index of the next thread of its block, passed through shared
+// memory: right only if __syncthreads orders the reads after every thread's write.
+__global__ void rotate_through_shared(float* out) {
+  __shared__ float values[kSelfTestThreads];
+  const unsigned int global = blockIdx.x * blockDim.x + threadIdx.x;
+  values[threadIdx.x] = static_cast<float>(global);
+  __syncthreads();
+  out[global] = values[(threadIdx.x + 1) % blockDim.x];
+}
+
+// Thread 0 ends, the others wait for it at __syncthreads.
+__global__ void barrier_after_early_exit(float*) {
+  if (threadIdx.x == 0) return;
+  __syncthreads();
+}
+
+// Half of warp 0 waits at a shuffle, the rest of the block at __syncthreads.
+__global__ void shuffle_against_barrier(float* out) {
+  if (threadIdx.x < kLanes / 2) {
+    out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.0f, 1);
+  } else {
+    __syncthreads();
+  }
+}
+
+at::Tensor emulation_self_test(std::string kernel) {
+  auto out = at::zeros({kSelfTestBlocks * kSelfTestThreads}, at::kFloat);
+  auto run = [&](void (*launched)(float*)) {
+    DK_LAUNCH(launched, kSelfTestBlocks, kSelfTestThreads, Stream{})(out.data_ptr<float>());
+  };
+  if (kernel == "rotate_through_shared") {
+    run(rotate_through_shared);
+  } else if (kernel == "barrier_after_early_exit") {
+    run(barrier_after_early_exit);
+  } else if (kernel == "shuffle_against_barrier") {
+    run(shuffle_against_barrier);
+  } else {
+    TORCH_CHECK_VALUE(false, "emulation_self_test: no kernel named '", kernel, "'");
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace dk_ops::host_emulation
+
+TORCH_LIBRARY_FRAGMENT(dk_ops_host_cuda, m) {
+  m.def("emulation_self_test", TORCH_FN(dk_ops::host_emulation::emulation_self_test));
+}
 
 // `import dk_ops._C_host_cuda` loads this library (and so runs the registration of the ops);
 // the Python module itself is empty.
