@@ -170,21 +170,26 @@ def test_gradcheck_on_cuda(problem):
 REDUCED_PRECISION_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
-@by_name(problems_named('k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2',
-                        'global_data_offset_mask_dgroups2', 'wide_k3_scope4',
-                        'wide_scope5_groups2_kgroups2_dgroups3_dcn_mask'))
-def test_reduced_precision_close_to_float32(problem, dtype):
-    tensors = cuda_inputs(problem, dtype)
+REDUCED_PRECISION_PROBLEMS = problems_named(
+    'k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2',
+    'global_data_offset_mask_dgroups2', 'wide_k3_scope4',
+    'wide_scope5_groups2_kgroups2_dgroups3_dcn_mask')
+
+
+def assert_reduced_precision_close_to_float32(problem, dtype, view):
+    """The op's output and gradients in ``dtype`` against float32 on the same rounded inputs,
+    with ``view(name, tensor)`` putting each tensor where the kernels run."""
+    tensors = {name: None if t is None else view(name, t)
+               for name, t in problem.make_inputs(dtype).items()}
     for name in ('kernel_offset', 'data_offset'):  # rounding may put points on the kinks
         if tensors[name] is not None:
             tensors[name] = off_the_kinks(tensors[name])
     output, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
-                                             view=to_cuda)
+                                             view=view)
     as_float32 = {name: None if t is None else t.float() for name, t in tensors.items()}
 
     def rounded_grad_output(name, tensor):  # float32 sees the same rounded grad_output too
-        return to_cuda(name, tensor.to(dtype).float() if name == 'grad_output' else tensor)
+        return view(name, tensor.to(dtype).float() if name == 'grad_output' else tensor)
 
     expected_output, expected = output_and_gradients(problem, dk_ops.deform_kernel_conv2d,
                                                      as_float32, view=rounded_grad_output)
@@ -195,6 +200,12 @@ def test_reduced_precision_close_to_float32(problem, dtype):
         scale = wanted.abs().max().item()
         torch.testing.assert_close(actual.float(), wanted, rtol=tolerance, atol=tolerance * scale,
                                    msg=lambda message, name=name: f'{name}: {message}')
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+@by_name(REDUCED_PRECISION_PROBLEMS)
+def test_reduced_precision_close_to_float32(problem, dtype):
+    assert_reduced_precision_close_to_float32(problem, dtype, view=to_cuda)
 
 
 # ----------------------------------------------------------------------------- registration

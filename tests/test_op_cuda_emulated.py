@@ -20,23 +20,32 @@ from dk_reference import (DCN_PROBLEMS, PROBLEMS, by_name, deform_kernel_conv2d_
                           output_and_gradients)
 from test_op_backward import (CHUNK_BOUNDARY_PROBLEMS, TENSOR_ARGUMENTS, TOLERANCE,
                               assert_gradients_close)
-from test_op_cuda import CUDA_PROBLEMS, problems_named
+from test_op_cuda import (CUDA_PROBLEMS, REDUCED_PRECISION_PROBLEMS,
+                          assert_reduced_precision_close_to_float32, problems_named)
 
 
 class EmulatedCudaKernels(TorchDispatchMode):
     """Runs the ``torch.ops.dk_ops`` ops called under it on the emulated CUDA launchers of
-    ``torch.ops.dk_ops_host_cuda`` instead of the CPU kernels, and counts them."""
+    ``torch.ops.dk_ops_host_cuda`` instead of the CPU kernels, and counts them; under the mode
+    ``inside`` if given, which then sees the ATen ops those launchers call (a mode is off while
+    its own handler runs, and so are those below it)."""
 
-    def __init__(self):
+    def __init__(self, inside=None):
         super().__init__()
         self.calls = collections.Counter()
+        self.inside = inside
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == 'dk_ops':
-            name = func.overloadpacket.__name__
-            self.calls[name] += 1
-            func = getattr(torch.ops.dk_ops_host_cuda, name).default
-        return func(*args, **(kwargs or {}))
+        if func.namespace != 'dk_ops':
+            return func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.calls[name] += 1
+        emulated = getattr(torch.ops.dk_ops_host_cuda, name).default
+        if self.inside is None:
+            return emulated(*args, **(kwargs or {}))
+        with self.inside:  # straight to the kernel, so that `inside` sees what it calls
+            return emulated.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args,
+                                       **(kwargs or {}))
 
 
 def emulated_output_and_gradients(problem, tensors, **kwargs):
@@ -113,6 +122,37 @@ def test_empty_batch(problem):
     for name, gradient in gradients.items():
         assert gradient is not None and gradient.shape == tensors[name].shape, name
         assert not gradient.any(), name
+
+
+class ProductOperandDtypes(TorchDispatchMode):
+    """The dtypes of the operands of every matrix product and convolution run under it."""
+
+    PRODUCTS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.convolution,
+                torch.ops.aten.convolution_backward)
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.PRODUCTS:
+            self.dtypes |= {arg.dtype for arg in args if isinstance(arg, torch.Tensor)}
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+@by_name(REDUCED_PRECISION_PROBLEMS)
+def test_reduced_precision_close_to_float32(problem, dtype):
+    # The kernels' half and bfloat16 instances and the driver's float32 sums around them: the
+    # CUDA kernels take these dtypes (the CPU kernels get float32 copies), so the products
+    # around them run in the dtype too.
+    products = ProductOperandDtypes()
+    with EmulatedCudaKernels(inside=products):
+        output_and_gradients(problem, dk_ops.deform_kernel_conv2d, problem.make_inputs(dtype))
+    assert products.dtypes == {dtype}
+    with EmulatedCudaKernels() as emulated:
+        assert_reduced_precision_close_to_float32(problem, dtype, view=lambda name, t: t)
+    assert emulated.calls == {'deform_kernel_conv2d': 2, 'deform_kernel_conv2d_backward': 2}
 
 
 @contextlib.contextmanager

@@ -81,6 +81,22 @@ def test_forward_matches_reference(problem, dtype, implicit_gemm):
     assert_implicit_gemm_matches_reference(problem, dtype)
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+@by_name(TILE_PROBLEMS[:2])
+def test_reduced_precision_forward_close_to_reference(problem, dtype, implicit_gemm):
+    # Tiles and sums in float32, so the output is the reference on the rounded inputs up to the
+    # output's own rounding (and products summed in another order).
+    tensors = problem.make_inputs(dtype)
+    output, ranges = profiled_forward(problem, tensors)
+    assert ranges == {IMPLICIT_GEMM: 1, SCOPE_COLUMNS: 0} and output.dtype == dtype
+    as_float64 = {name: None if t is None else t.double() for name, t in tensors.items()}
+    expected = problem.call(deform_kernel_conv2d_reference, as_float64)
+    scale = expected.abs().max().item()
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    torch.testing.assert_close(output.double(), expected, rtol=2 * unit_roundoff,
+                               atol=2 * unit_roundoff * scale)
+
+
 @pytest.mark.parametrize('columns_per_chunk', [37, 200])
 @by_name(TILE_PROBLEMS[:1])
 def test_column_chunks_start_inside_tiles(problem, columns_per_chunk, implicit_gemm, monkeypatch):

@@ -110,6 +110,9 @@ struct GlobalKernels {
 struct DeviceKernels {
   ColumnKernels local;
   GlobalKernels global;
+  // Whether the kernels take half and bfloat16 (summing in float32), as the CUDA ones do, also
+  // when compiled for host threads; the driver runs the others on float32 copies.
+  bool take_reduced_precision;
 };
 
 at::Tensor deform_kernel_conv2d_forward(

@@ -134,8 +134,8 @@ void implicit_gemm_forward(const ColumnKernels& kernels, ColumnChunk& chunk, con
 bool is_reduced_precision(const Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
-// The dtype sums are kept in: float32 for half / bfloat16, which reach the code below only on
-// CUDA (the CPU computes them in float32 throughout).
+// The dtype sums are kept in: float32 for half / bfloat16, which reach the code below only with
+// kernels that take them (the CUDA ones; the CPU's compute them in float32 throughout).
 at::ScalarType sum_dtype(const Tensor& t) {
   return is_reduced_precision(t) ? at::kFloat : t.scalar_type();
 }
@@ -247,7 +247,7 @@ Tensor deform_kernel_conv2d_forward(
   // Read before any path is taken, so that a wrong value raises whichever path runs.
   const bool implicit_gemm =
       implicit_gemm_forward_requested() && kernels.local.implicit_gemm_forward != nullptr;
-  if (is_reduced_precision(input) && input.is_cpu()) {  // bfloat16 / half on CPU: in float32
+  if (is_reduced_precision(input) && !kernels.take_reduced_precision) {  // in float32
     return deform_kernel_conv2d_forward(kernels, input.to(at::kFloat), weight.to(at::kFloat),
                                         kernel_offset.to(at::kFloat), to_float(data_offset),
                                         to_float(mask), to_float(bias), kernel_size, stride,
@@ -296,7 +296,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
   const auto g = check_deform_kernel_conv2d_backward_args(
       grad_output, input, weight, kernel_offset, data_offset, mask, kernel_size, stride, padding,
       dilation, groups, kernel_offset_groups, deform_groups);
-  if (is_reduced_precision(input) && input.is_cpu()) {  // bfloat16 / half on CPU: in float32
+  if (is_reduced_precision(input) && !kernels.take_reduced_precision) {  // in float32
     auto grads = deform_kernel_conv2d_backward(
         kernels, grad_output.to(at::kFloat), input.to(at::kFloat), weight.to(at::kFloat),
         kernel_offset.to(at::kFloat), to_float(data_offset), to_float(mask), kernel_size, stride,

@@ -570,7 +570,8 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
 
 constexpr DeviceKernels kCpuKernels{
     {scatter_scope_columns, gather_input_grad, offset_and_mask_grads},
-    {sample_global_filters, global_weight_grad, global_offset_grad}};
+    {sample_global_filters, global_weight_grad, global_offset_grad},
+    /*take_reduced_precision=*/false};
 
 at::Tensor forward_cpu(const Tensor& input, const Tensor& weight, const Tensor& kernel_offset,
                        const std::optional<Tensor>& data_offset, const std::optional<Tensor>& mask,

@@ -640,7 +640,8 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
 
 constexpr DeviceKernels kCudaKernels{
     {scatter_scope_columns, gather_input_grad, offset_and_mask_grads, implicit_gemm_forward},
-    {sample_global_filters, global_weight_grad, global_offset_grad}};
+    {sample_global_filters, global_weight_grad, global_offset_grad},
+    /*take_reduced_precision=*/true};
 
 // The kernels run on the input's GPU (mixed devices are refused by the driver's checks).
 std::optional<c10::Device> device_of_input(const Tensor& input) {
