@@ -113,6 +113,22 @@ def test_chunked_float64_matches_cpu(problem, columns_per_chunk, monkeypatch):
     assert_gradients_close(gradients, expected, **FLOAT64_PARITY)
 
 
+@by_name(problems_named('k3_scope4_local', 'data_offset_mask_dgroups2_groups2', 'wide_k3_scope4',
+                        'wide_scope5_groups2_kgroups2_dgroups3_dcn_mask',
+                        'wide_k3x2_scope6x5_stride2_dil2_mask'))
+def test_implicit_gemm_float64_matches_cpu(problem, monkeypatch):
+    # The opt-in forward (DK_OPS_LOCAL_FORWARD=implicit_gemm); tools/gpu_check.sh runs the wide
+    # problems under memcheck too.
+    monkeypatch.setenv('DK_OPS_LOCAL_FORWARD', 'implicit_gemm')
+    tensors = problem.make_inputs()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        output = problem.call(dk_ops.deform_kernel_conv2d, {
+            name: None if t is None else t.to(CUDA) for name, t in tensors.items()})
+    assert any(event.name == 'dk_ops::implicit_gemm_forward' for event in profile.events())
+    expected = problem.call(dk_ops.deform_kernel_conv2d, tensors)
+    torch.testing.assert_close(output.cpu(), expected, **FLOAT64_PARITY)
+
+
 @by_name(problems_named('k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2',
                         'global_data_offset_mask_dgroups2'))
 def test_non_contiguous_cuda_inputs(problem):
