@@ -57,7 +57,7 @@ def host_cuda_extension():
     source = os.path.join(CSRC, 'host_cuda', 'deform_kernel_conv2d_host_cuda.cpp')
     # The files it includes, so that setuptools rebuilds it when a kernel changes.
     included = [os.path.join(CSRC, name) for name in (
-        'cuda/deform_kernel_conv2d_cuda.cu', 'cuda/implicit_gemm_forward.cuh',
+        'cuda/deform_kernel_conv2d_cuda.cu', 'cuda/implicit_gemm.cuh',
         'cuda/host_emulation.h', 'deform_kernel_conv2d.h', 'global_kernel.h', 'sampling.h')]
     # $ORIGIN: the loader finds dk_ops._C beside this library, and reuses the copy that
     # `import dk_ops` has loaded (one registration of the ops, one driver).

@@ -113,20 +113,48 @@ def test_chunked_float64_matches_cpu(problem, columns_per_chunk, monkeypatch):
     assert_gradients_close(gradients, expected, **FLOAT64_PARITY)
 
 
-@by_name(problems_named('k3_scope4_local', 'data_offset_mask_dgroups2_groups2', 'wide_k3_scope4',
-                        'wide_scope5_groups2_kgroups2_dgroups3_dcn_mask',
-                        'wide_k3x2_scope6x5_stride2_dil2_mask'))
-def test_implicit_gemm_float64_matches_cpu(problem, monkeypatch):
-    # The opt-in forward (DK_OPS_LOCAL_FORWARD=implicit_gemm); tools/gpu_check.sh runs the wide
-    # problems under memcheck too.
-    monkeypatch.setenv('DK_OPS_LOCAL_FORWARD', 'implicit_gemm')
-    tensors = problem.make_inputs()
+IMPLICIT_GEMM_PROBLEMS = problems_named(
+    'k3_scope4_local', 'data_offset_mask_dgroups2_groups2', 'wide_k3_scope4',
+    'wide_scope5_groups2_kgroups2_dgroups3_dcn_mask', 'wide_k3x2_scope6x5_stride2_dil2_mask')
+
+
+def implicit_gemm_output_and_gradients(problem, tensors, monkeypatch):
+    """The op's output and gradients on CUDA with the opt-in implicit GEMMs
+    (DK_OPS_LOCAL_KERNELS=implicit_gemm), checking that they ran in place of the scope
+    columns."""
+    monkeypatch.setenv('DK_OPS_LOCAL_KERNELS', 'implicit_gemm')
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        output = problem.call(dk_ops.deform_kernel_conv2d, {
-            name: None if t is None else t.to(CUDA) for name, t in tensors.items()})
-    assert any(event.name == 'dk_ops::implicit_gemm_forward' for event in profile.events())
-    expected = problem.call(dk_ops.deform_kernel_conv2d, tensors)
-    torch.testing.assert_close(output.cpu(), expected, **FLOAT64_PARITY)
+        output, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
+                                                 view=to_cuda)
+    ranges = {event.name for event in profile.events()}
+    assert {'dk_ops::implicit_gemm_forward', 'dk_ops::implicit_gemm_weight_grad'} <= ranges
+    assert 'dk_ops::scatter_scope_columns' not in ranges
+    assert output.device.type == 'cuda'
+    return output, gradients
+
+
+@by_name(IMPLICIT_GEMM_PROBLEMS)
+def test_implicit_gemm_float64_matches_cpu(problem, monkeypatch):
+    # The forward and the weight gradient by the implicit GEMMs, the other gradients through
+    # grad Z; the CPU op has no implicit GEMM. tools/gpu_check.sh runs the wide problems under
+    # memcheck too.
+    tensors = problem.make_inputs()
+    expected_output, expected = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors)
+    output, gradients = implicit_gemm_output_and_gradients(problem, tensors, monkeypatch)
+    torch.testing.assert_close(output.cpu(), expected_output, **FLOAT64_PARITY)
+    assert_gradients_close(gradients, expected, **FLOAT64_PARITY)
+
+
+@by_name(IMPLICIT_GEMM_PROBLEMS[2:3])
+def test_implicit_gemm_is_deterministic(problem, monkeypatch):
+    # The weight gradient's column ranges are added up in a fixed order, without atomics.
+    tensors = cuda_inputs(problem, torch.float32)
+    with deterministic_algorithms():
+        first_output, first = implicit_gemm_output_and_gradients(problem, tensors, monkeypatch)
+        second_output, second = implicit_gemm_output_and_gradients(problem, tensors, monkeypatch)
+    assert torch.equal(first_output, second_output)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
 
 
 @by_name(problems_named('k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2',
@@ -221,6 +249,15 @@ def assert_reduced_precision_close_to_float32(problem, dtype, view):
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
 @by_name(REDUCED_PRECISION_PROBLEMS)
 def test_reduced_precision_close_to_float32(problem, dtype):
+    assert_reduced_precision_close_to_float32(problem, dtype, view=to_cuda)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+@by_name(problems_named('data_offset_mask_dgroups2_groups2', 'wide_k3_scope4'))
+def test_implicit_gemm_reduced_precision_close_to_float32(problem, dtype, monkeypatch):
+    # The implicit GEMMs keep Z in float32 where the columns path rounds it to the dtype: the
+    # same tolerance holds.
+    monkeypatch.setenv('DK_OPS_LOCAL_KERNELS', 'implicit_gemm')
     assert_reduced_precision_close_to_float32(problem, dtype, view=to_cuda)
 
 

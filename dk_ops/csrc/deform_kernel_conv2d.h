@@ -83,12 +83,19 @@ struct ColumnKernels {
   void (*offset_and_mask_grads)(const ColumnChunk& chunk, const at::Tensor& grad_z,
                                 at::Tensor& grad_kernel_offset, at::Tensor& grad_data_offset,
                                 at::Tensor& grad_mask);
-  // Optional (null: none): out_rows (count, C_out) = the chunk's output rows without the bias,
-  // Z @ W'^T computed tile by tile without Z in memory; weight (C_out, C_in/groups, S_h, S_w)
-  // contiguous. The forward calls it in place of scatter_scope_columns and its GEMMs when
-  // DK_OPS_LOCAL_FORWARD=implicit_gemm.
+  // The implicit GEMMs, optional (null: none), which compute the products with Z tile by tile
+  // without Z in memory; the driver calls them when DK_OPS_LOCAL_KERNELS=implicit_gemm.
+  // out_rows (count, C_out) = the chunk's output rows without the bias, Z @ W'^T; weight
+  // (C_out, C_in/groups, S_h, S_w) contiguous. In place of the forward's scatter_scope_columns
+  // and GEMMs.
   void (*implicit_gemm_forward)(const ColumnChunk& chunk, const at::Tensor& weight,
                                 at::Tensor& out_rows) = nullptr;
+  // grad_weight_cols (groups, S*C_in/groups, C_out/groups), grad W'^T per group in the sum dtype
+  // (float32 for half / bfloat16), += Z^T @ grad_out_rows over the chunk's columns;
+  // grad_out_rows (count, C_out) contiguous. In place of the backward's scatter_scope_columns
+  // and weight-gradient GEMMs.
+  void (*implicit_gemm_weight_grad)(const ColumnChunk& chunk, const at::Tensor& grad_out_rows,
+                                    at::Tensor& grad_weight_cols) = nullptr;
 };
 
 // The global path's three kernels (global_kernel.h has their math; the driver runs the

@@ -6,7 +6,9 @@
 //   backward  grad W'^T += Z^T @ gO[cols]    (BLAS runs it faster than gO^T @ Z: see below)
 //             grad Z     = gO[cols] @ W'     -> input / offset / mask gradients
 // with the output and its gradient as channels-last rows (N*L, C_out): BLAS runs these
-// shapes faster than their transposes when C_out is small (2-3x at C_out = 32).
+// shapes faster than their transposes when C_out is small (2-3x at C_out = 32). With
+// DK_OPS_LOCAL_KERNELS=implicit_gemm the device's implicit GEMMs compute out and grad W'^T
+// without Z in memory, all columns at once.
 // Global path (kernel_offset (N, 2*Gk*taps), no data offset, no mask): one device kernel samples
 // the kernel of every image (global_kernel.h), the batch runs as one grouped convolution, and one
 // device kernel each takes the filters' gradient back to the scope and to the offsets: a handful
@@ -102,32 +104,32 @@ void offset_and_mask_grads(const ColumnKernels& kernels, const ColumnChunk& chun
   kernels.offset_and_mask_grads(chunk, grad_z, grad_kernel_offset, grad_data_offset, grad_mask);
 }
 
-// DK_OPS_LOCAL_FORWARD: how the local path's forward runs, read on every call (like
+// DK_OPS_LOCAL_KERNELS: which kernels the local path runs, read on every call (like
 // DK_OPS_MAX_COLUMN_BYTES) so that a benchmark or a test can switch between calls:
-//   columns (or unset)  scope columns chunk by chunk, then a GEMM per group (the default)
-//   implicit_gemm       the device's implicit GEMM where it has one (CUDA), the columns where
-//                       not; unmeasured on a GPU as yet (docs/gpu.md)
-bool implicit_gemm_forward_requested() {
-  const char* env = std::getenv("DK_OPS_LOCAL_FORWARD");
+//   columns (or unset)  scope columns chunk by chunk, then GEMMs per group (the default)
+//   implicit_gemm       the device's implicit GEMMs where it has them (CUDA): the forward's
+//                       output and the backward's weight gradient without Z in memory (the other
+//                       gradients still go through grad Z); the columns where not. Unmeasured
+//                       on a GPU as yet (docs/gpu.md)
+bool implicit_gemm_requested() {
+  const char* env = std::getenv("DK_OPS_LOCAL_KERNELS");
   if (env == nullptr || *env == '\0' || std::string_view(env) == "columns") return false;
   TORCH_CHECK_VALUE(std::string_view(env) == "implicit_gemm",
-                    "DK_OPS_LOCAL_FORWARD must be 'columns' or 'implicit_gemm' (or unset), got '",
+                    "DK_OPS_LOCAL_KERNELS must be 'columns' or 'implicit_gemm' (or unset), got '",
                     env, "'");
   return true;
 }
 
-// The forward's output rows by the implicit GEMM: no Z to bound, so every column in one launch,
-// unless DK_OPS_MAX_COLUMN_BYTES asks for chunks (the tests do, to start chunks mid-tile).
-void implicit_gemm_forward(const ColumnKernels& kernels, ColumnChunk& chunk, const Tensor& weight,
-                           Tensor& out_rows) {
-  const int64_t columns = out_rows.size(0);
+// Runs launch() over chunks of the `columns` columns: all of them at once, as the implicit GEMMs
+// keep no Z to bound, unless DK_OPS_MAX_COLUMN_BYTES asks for chunks (the tests do, to start
+// chunks mid-tile).
+template <typename Launch>
+void for_each_implicit_gemm_chunk(ColumnChunk& chunk, int64_t columns, Launch&& launch) {
   const int64_t step =
       column_bytes_override() ? columns_per_chunk(chunk.g, chunk.input) : columns;
   for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
     chunk.count = std::min(step, columns - chunk.first);
-    auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
-    RECORD_FUNCTION("dk_ops::implicit_gemm_forward", std::vector<c10::IValue>());
-    kernels.implicit_gemm_forward(chunk, weight, out_chunk);
+    launch();
   }
 }
 
@@ -246,7 +248,7 @@ Tensor deform_kernel_conv2d_forward(
                                                  groups, kernel_offset_groups, deform_groups);
   // Read before any path is taken, so that a wrong value raises whichever path runs.
   const bool implicit_gemm =
-      implicit_gemm_forward_requested() && kernels.local.implicit_gemm_forward != nullptr;
+      implicit_gemm_requested() && kernels.local.implicit_gemm_forward != nullptr;
   if (is_reduced_precision(input) && !kernels.take_reduced_precision) {  // in float32
     return deform_kernel_conv2d_forward(kernels, input.to(at::kFloat), weight.to(at::kFloat),
                                         kernel_offset.to(at::kFloat), to_float(data_offset),
@@ -264,7 +266,12 @@ Tensor deform_kernel_conv2d_forward(
   const int64_t columns = g.batch * g.positions();
   auto out_rows = at::empty({columns, g.out_channels}, input.options());
   if (implicit_gemm) {
-    implicit_gemm_forward(kernels.local, chunk, weight.contiguous(), out_rows);
+    const auto contiguous_weight = weight.contiguous();
+    for_each_implicit_gemm_chunk(chunk, columns, [&] {
+      auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
+      RECORD_FUNCTION("dk_ops::implicit_gemm_forward", std::vector<c10::IValue>());
+      kernels.local.implicit_gemm_forward(chunk, contiguous_weight, out_chunk);
+    });
   } else {
     const auto weight_rows = weight_cells_last(g, weight);
     const int64_t step = columns_per_chunk(g, input);
@@ -296,6 +303,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
   const auto g = check_deform_kernel_conv2d_backward_args(
       grad_output, input, weight, kernel_offset, data_offset, mask, kernel_size, stride, padding,
       dilation, groups, kernel_offset_groups, deform_groups);
+  // Read before any path is taken, as in the forward.
+  const bool implicit_gemm =
+      implicit_gemm_requested() && kernels.local.implicit_gemm_weight_grad != nullptr;
   if (is_reduced_precision(input) && !kernels.take_reduced_precision) {  // in float32
     auto grads = deform_kernel_conv2d_backward(
         kernels, grad_output.to(at::kFloat), input.to(at::kFloat), weight.to(at::kFloat),
@@ -351,13 +361,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
   Tensor grad_kernel_columns = need_kernel_offset ? at::zeros_like(chunk.kernel_offset) : Tensor();
   Tensor grad_data_columns = need_data_offset ? at::zeros_like(chunk.data_offset) : Tensor();
   Tensor grad_mask_columns = need_mask ? at::zeros_like(chunk.mask) : Tensor();
-  auto z = at::empty({std::min(step, columns), z_width}, input.options());
-  auto grad_z = need_z_grad ? at::empty_like(z) : Tensor();
+  // The implicit GEMM takes the weight gradient without Z; the chunks below then only carry
+  // grad Z to the other gradients.
+  const bool scatter_z = need_weight && !implicit_gemm;
+  if (need_weight && implicit_gemm) {
+    for_each_implicit_gemm_chunk(chunk, columns, [&] {
+      const auto grad_out_chunk = grad_out_rows.narrow(0, chunk.first, chunk.count);
+      RECORD_FUNCTION("dk_ops::implicit_gemm_weight_grad", std::vector<c10::IValue>());
+      kernels.local.implicit_gemm_weight_grad(chunk, grad_out_chunk, grad_weight_cols);
+    });
+  }
+  const int64_t chunk_rows = std::min(step, columns);
+  auto z = scatter_z ? at::empty({chunk_rows, z_width}, input.options()) : Tensor();
+  auto grad_z = need_z_grad ? at::empty({chunk_rows, z_width}, input.options()) : Tensor();
 
   for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
     chunk.count = std::min(step, columns - chunk.first);
     const auto grad_out_chunk = grad_out_rows.narrow(0, chunk.first, chunk.count);
-    if (need_weight) {
+    if (scatter_z) {
       auto z_chunk = z.narrow(0, 0, chunk.count);
       scatter_scope_columns(kernels.local, chunk, z_chunk);
       for (int64_t group = 0; group < g.groups; ++group) {

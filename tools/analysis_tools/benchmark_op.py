@@ -15,9 +15,9 @@ and the ratios stay fair:
 
 --column-mib 64 256 adds local DK scope 4 with those column buffers (DK_OPS_MAX_COLUMN_BYTES) to
 the cases: the op's default on a GPU is 16 MiB, a guess that nobody has timed against others.
-On CUDA it also times the opt-in implicit-GEMM forward of local DK (DK_OPS_LOCAL_FORWARD=
-implicit_gemm, docs/gpu.md) in the rows marked "implicit GEMM fwd"; their backward is the
-default one, so their difference to the rows above them is the forward's.
+On CUDA it also times the opt-in implicit GEMMs of local DK (DK_OPS_LOCAL_KERNELS=implicit_gemm,
+docs/gpu.md) in the rows marked "implicit GEMM": the forward and the weight gradient without the
+scope columns, the other gradients as in the rows above them.
 """
 import argparse
 import contextlib
@@ -126,10 +126,10 @@ def cases(channels, size, batch, device, dtype, column_mib=()):
     yield 'DK global, scope 4', dk(4, leaf(0.3 * torch.randn(batch, 18, **make)))
     yield 'DK+DCN, scope 4', dk(4, offsets(0.3), data_offset=offsets(1.0))
     if device.type == 'cuda':  # the CPU kernels have no implicit GEMM
-        implicit_gemm = {'DK_OPS_LOCAL_FORWARD': 'implicit_gemm'}
-        yield 'DK local, scope 4, implicit GEMM fwd', dk(4, offsets(0.3), env=implicit_gemm)
-        yield 'DK+DCN, scope 4, implicit GEMM fwd', dk(4, offsets(0.3), env=implicit_gemm,
-                                                      data_offset=offsets(1.0))
+        implicit_gemm = {'DK_OPS_LOCAL_KERNELS': 'implicit_gemm'}
+        yield 'DK local, scope 4, implicit GEMM', dk(4, offsets(0.3), env=implicit_gemm)
+        yield 'DK+DCN, scope 4, implicit GEMM', dk(4, offsets(0.3), env=implicit_gemm,
+                                                  data_offset=offsets(1.0))
     yield from dcn_baselines(x, rigid, offsets(1.0), device, dtype)
 
 

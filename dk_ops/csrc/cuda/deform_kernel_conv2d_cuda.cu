@@ -11,8 +11,8 @@
 //                       with data offsets: one thread per (column, channel), atomicAdd
 //   offset/mask grads   one warp per (column, tap, offset group), summing over its channels
 //                       (one writer per gradient entry, deterministic)
-//   implicit GEMM       opt-in forward (implicit_gemm_forward.cuh): a block per tile of
-//                       the output, sampling its Z tiles into shared memory
+//   implicit GEMM       opt-in forward and weight gradient (implicit_gemm.cuh): a block per
+//                       tile of the product, sampling its Z tiles into shared memory
 // half and bfloat16 are read and written as such; every sum runs in float32 (opmath).
 // The tests also run this file on a CPU, compiled for host threads (host_emulation.h).
 #include <ATen/ATen.h>
@@ -201,7 +201,7 @@ struct ColumnView {
 // Adds to sums[cell - pass_begin], for the scope cells [pass_begin, pass_end) of one
 // (column, channel), Z[col, cell, c] = sum over taps of B_cell(q) * m * X_c(p); X is sampled
 // only for the taps with a corner in the pass. Shared by the scope-column kernel and the
-// implicit GEMM (implicit_gemm_forward.cuh).
+// implicit GEMM (implicit_gemm.cuh).
 template <typename scalar_t>
 __device__ void add_scope_pass(const ColumnView<scalar_t>& v, const Column& col,
                                const Channel& ch, int64_t pass_begin, int64_t pass_end,
@@ -636,10 +636,11 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
       });
 }
 
-#include "implicit_gemm_forward.cuh"
+#include "implicit_gemm.cuh"
 
 constexpr DeviceKernels kCudaKernels{
-    {scatter_scope_columns, gather_input_grad, offset_and_mask_grads, implicit_gemm_forward},
+    {scatter_scope_columns, gather_input_grad, offset_and_mask_grads, implicit_gemm_forward,
+     implicit_gemm_weight_grad},
     {sample_global_filters, global_weight_grad, global_offset_grad},
     /*take_reduced_precision=*/true};
 
