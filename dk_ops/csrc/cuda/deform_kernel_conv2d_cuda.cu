@@ -51,9 +51,12 @@ constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // the loops below stride over
 // one pass for the default 4 x 4 scope of a 3 x 3 kernel.
 constexpr int kCellsPerPass = 16;
 
+// How many tiles of `tile` cover `size` (the kernels' and their launchers' tile counts).
+DK_HOST_DEVICE int64_t tiles_of(int64_t size, int64_t tile) { return (size + tile - 1) / tile; }
+
 // At least one block (an empty grid is a launch error; with no work its threads just exit).
 int64_t blocks_for(int64_t threads) {
-  return std::clamp<int64_t>((threads + kThreadsPerBlock - 1) / kThreadsPerBlock, 1, kMaxBlocks);
+  return std::clamp<int64_t>(tiles_of(threads, kThreadsPerBlock), 1, kMaxBlocks);
 }
 
 __device__ int64_t first_thread() { return blockIdx.x * int64_t{blockDim.x} + threadIdx.x; }
@@ -617,7 +620,7 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto gg = GlobalGeometry::of(g);
   const int64_t chunks =
-      std::max<int64_t>(1, (gg.entries_per_kernel_group() + kEntriesPerWarp - 1) / kEntriesPerWarp);
+      std::max<int64_t>(1, tiles_of(gg.entries_per_kernel_group(), kEntriesPerWarp));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_filters.scalar_type(), "dk_ops_global_offset_grad_cuda",
       [&] {

@@ -100,8 +100,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   __shared__ typename Tile::ZTile z_tile;
   __shared__ acc_t w_tile[Tile::kDepth][Tile::kOutChannels];  // W'^T: (cell, channel) x out
   const int64_t groups = v.channels / v.group_channels, group_out = out_channels / groups;
-  const int64_t column_tiles = (v.count + Tile::kColumns - 1) / Tile::kColumns;
-  const int64_t out_tiles = (group_out + Tile::kOutChannels - 1) / Tile::kOutChannels;
+  const int64_t column_tiles = tiles_of(v.count, Tile::kColumns);
+  const int64_t out_tiles = tiles_of(group_out, Tile::kOutChannels);
   const int row = threadIdx.x / Tile::kThreadSide, col = threadIdx.x % Tile::kThreadSide;
 
   for (int64_t tile = blockIdx.x; tile < column_tiles * out_tiles * groups; tile += gridDim.x) {
@@ -173,9 +173,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   __shared__ typename Tile::ZTile z_tile;
   __shared__ acc_t grad_out_tile[Tile::kColumns][Tile::kOutChannels];  // gO: column x out
   const int64_t groups = v.channels / v.group_channels, group_out = out_channels / groups;
-  const int64_t cell_tiles = (v.cells + Tile::kCells - 1) / Tile::kCells;
-  const int64_t k_tiles = (v.group_channels + Tile::kChannels - 1) / Tile::kChannels * cell_tiles;
-  const int64_t out_tiles = (group_out + Tile::kOutChannels - 1) / Tile::kOutChannels;
+  const int64_t cell_tiles = tiles_of(v.cells, Tile::kCells);
+  const int64_t k_tiles = tiles_of(v.group_channels, Tile::kChannels) * cell_tiles;
+  const int64_t out_tiles = tiles_of(group_out, Tile::kOutChannels);
   const int row = threadIdx.x / Tile::kThreadSide, col = threadIdx.x % Tile::kThreadSide;
 
   for (int64_t tile = blockIdx.x; tile < k_tiles * out_tiles * groups * ranges;
@@ -240,10 +240,8 @@ void implicit_gemm_forward(const ColumnChunk& chunk, const Tensor& weight, Tenso
       at::kHalf, at::kBFloat16, out_rows.scalar_type(), "dk_ops_implicit_gemm_forward_cuda", [&] {
         using Tile = ImplicitGemmTile<at::opmath_type<scalar_t>>;
         const auto& g = chunk.g;
-        const int64_t tiles = (chunk.count + Tile::kColumns - 1) / Tile::kColumns *
-                              ((g.out_channels / g.groups + Tile::kOutChannels - 1) /
-                               Tile::kOutChannels) *
-                              g.groups;
+        const int64_t tiles = tiles_of(chunk.count, Tile::kColumns) *
+                              tiles_of(g.out_channels / g.groups, Tile::kOutChannels) * g.groups;
         const ColumnView<scalar_t> view(chunk);
         DK_LAUNCH(implicit_gemm_forward_kernel<scalar_t>, std::clamp<int64_t>(tiles, 1, kMaxBlocks),
                   kThreadsPerBlock, stream)(view, weight.data_ptr<scalar_t>(), g.out_channels,
@@ -276,16 +274,15 @@ void implicit_gemm_weight_grad(const ColumnChunk& chunk, const Tensor& grad_out_
         const auto& g = chunk.g;
         const int64_t group_channels = g.in_channels / g.groups;
         const int64_t group_out = g.out_channels / g.groups;
-        const int64_t tiles = (group_channels + Tile::kChannels - 1) / Tile::kChannels *
-                              ((g.scope_cells() + Tile::kCells - 1) / Tile::kCells) *
-                              ((group_out + Tile::kOutChannels - 1) / Tile::kOutChannels) *
-                              g.groups;
-        const int64_t steps = (chunk.count + Tile::kColumns - 1) / Tile::kColumns;
+        const int64_t tiles = tiles_of(group_channels, Tile::kChannels) *
+                              tiles_of(g.scope_cells(), Tile::kCells) *
+                              tiles_of(group_out, Tile::kOutChannels) * g.groups;
+        const int64_t steps = tiles_of(chunk.count, Tile::kColumns);
         const int64_t wanted_ranges = std::max<int64_t>(1, kWeightGradBlocks / tiles);
         const int64_t range_steps =
-            std::max(kMinRangeSteps, (steps + wanted_ranges - 1) / wanted_ranges);
+            std::max(kMinRangeSteps, tiles_of(steps, wanted_ranges));
         const int64_t range_columns = range_steps * Tile::kColumns;
-        const int64_t ranges = (chunk.count + range_columns - 1) / range_columns;
+        const int64_t ranges = tiles_of(chunk.count, range_columns);
         // Every entry is written: each range has columns, and its blocks cover K and C_out.
         auto partial = at::empty({ranges, g.groups, g.scope_cells() * group_channels, group_out},
                                  grad_weight_cols.options());
