@@ -7,7 +7,8 @@ PIP    := $(VPY) -m pip
 
 # Pinned stack (see README): mmdet 3.3.0 refuses mmcv >= 2.2, and mmcv 2.1.0 has no wheel for
 # torch 2.13, so it is built from source against the installed torch, the longest step of the
-# set-up (the whole environment took about 20 minutes on 2 cores; pip caches the mmcv wheel).
+# set-up (about 10.5 minutes in all on a fresh 2-core machine, most of it this compile; pip
+# caches the mmcv wheel). Measured times: docs/development.md.
 TORCH_VERSION    := 2.13.0
 MMCV_VERSION     := 2.1.0
 MMENGINE_VERSION := 0.10.7
@@ -23,7 +24,7 @@ $(VENV)/.stack-installed:
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "torch==$(TORCH_VERSION)" numpy
 	# mmcv's setup.py imports pkg_resources (gone from setuptools >= 70 builds we can rely on) and
-	# must see torch to build its ops, hence the old setuptools and no build isolation.
+	# must see torch to build its ops, hence setuptools < 70 and no build isolation.
 	$(PIP) install "setuptools<70" wheel ninja psutil
 	$(PIP) install --no-build-isolation "mmcv==$(MMCV_VERSION)"
 	$(PIP) install "mmengine==$(MMENGINE_VERSION)" "mmdet==$(MMDET_VERSION)" pycocotools pytest \
@@ -92,7 +93,7 @@ $(CUDA_VENV)/.stack-installed:
 	$(CUDA_VENV)/bin/python -m pip install "torch==$(CUDA_TORCH_VERSION)" ninja numpy wheel
 	touch $@
 
-# A stamp of its own, so that a venv made before the benchmark test gets them too.
+# A stamp of its own, so that a CUDA venv without torchvision and pytest gets them too.
 $(CUDA_VENV)/.test-stack-installed: $(CUDA_VENV)/.stack-installed
 	$(CUDA_VENV)/bin/python -m pip install "torch==$(CUDA_TORCH_VERSION)" \
 		"torchvision==$(CUDA_TORCHVISION_VERSION)" pytest
