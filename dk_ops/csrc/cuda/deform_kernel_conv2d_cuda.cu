@@ -14,21 +14,21 @@
 //   implicit GEMM       opt-in forward and weight gradient (implicit_gemm.cuh): a block per
 //                       tile of the product, sampling its Z tiles into shared memory
 // half and bfloat16 are read and written as such; every sum runs in float32 (opmath).
-// The tests also run this file on a CPU, compiled for host threads (host_emulation.h).
+// The tests also run this file on a CPU, as emulated CUDA (../emulated_cuda/emulated_cuda.h).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#ifdef DK_HOST_EMULATION  // compiled for host threads, for the tests (see host_emulation.h)
-#include "host_emulation.h"
+#ifdef DK_EMULATED_CUDA  // compiled for host threads, for the tests
+#include "../emulated_cuda/emulated_cuda.h"
 #else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-// Every launch goes through this macro, which host_emulation.h defines as a loop over threads.
+// Every launch goes through this macro, which emulated_cuda.h defines as a loop over threads.
 #define DK_LAUNCH(kernel, blocks, threads, stream) kernel<<<blocks, threads, 0, stream>>>
 #endif
 
@@ -677,15 +677,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
 
 }  // namespace
 
-#ifndef DK_HOST_EMULATION
+#ifndef DK_EMULATED_CUDA
 TORCH_LIBRARY_IMPL(dk_ops, CUDA, m) {
   m.impl("deform_kernel_conv2d", &forward_cuda);
   m.impl("deform_kernel_conv2d_backward", &backward_cuda);
 }
 #else
-// The host build: the same launchers, for CPU tensors, as ops of their own namespace (schemas
+// The emulated build: the same launchers, for CPU tensors, as ops of their own namespace (schemas
 // inferred from the functions), so that torch.ops.dk_ops keeps its CPU kernels.
-TORCH_LIBRARY(dk_ops_host_cuda, m) {
+TORCH_LIBRARY(dk_ops_emulated_cuda, m) {
   m.def("deform_kernel_conv2d", TORCH_FN(forward_cuda));
   m.def("deform_kernel_conv2d_backward", TORCH_FN(backward_cuda));
 }
