@@ -56,10 +56,9 @@ EMULATED_CUDA = 'dk_ops._C_emulated_cuda'
 def emulated_cuda_extension():
     source = os.path.join(CSRC, 'emulated_cuda', 'deform_kernel_conv2d_emulated_cuda.cpp')
     # The files it includes, so that setuptools rebuilds it when a kernel changes.
-    included = [os.path.join(CSRC, name) for name in (
-        'cuda/deform_kernel_conv2d_cuda.cu', 'cuda/implicit_gemm.cuh',
-        'emulated_cuda/emulated_cuda.h', 'deform_kernel_conv2d.h', 'global_kernel.h',
-        'sampling.h')]
+    included = sorted(glob.glob(os.path.join(CSRC, '*.h')) +
+                      glob.glob(os.path.join(CSRC, 'cuda', '*.cu*')) +
+                      glob.glob(os.path.join(CSRC, 'emulated_cuda', '*.h')))
     # $ORIGIN: the loader finds dk_ops._C beside this library, and reuses the copy that
     # `import dk_ops` has loaded (one registration of the ops, one driver).
     return CppExtension(EMULATED_CUDA, [source], depends=included,

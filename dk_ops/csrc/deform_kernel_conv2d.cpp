@@ -5,7 +5,6 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <sstream>
 
 namespace dk_ops {
@@ -184,16 +183,6 @@ DeformKernelGeometry check_deform_kernel_conv2d_backward_args(
                     shape_of({g.batch, g.out_channels, g.out_h, g.out_w}), ", got ",
                     shape_of(grad_output));
   return g;
-}
-
-std::optional<int64_t> column_bytes_override() {
-  const char* env = std::getenv("DK_OPS_MAX_COLUMN_BYTES");
-  if (env == nullptr || *env == '\0') return std::nullopt;
-  char* end = nullptr;
-  const long long value = std::strtoll(env, &end, 10);
-  TORCH_CHECK_VALUE(end != env && *end == '\0' && value > 0,
-                    "DK_OPS_MAX_COLUMN_BYTES must be a positive integer, got '", env, "'");
-  return value;
 }
 
 TORCH_LIBRARY(dk_ops, m) {
