@@ -326,6 +326,12 @@ ColumnChunk batch_in_column_layout(const DeformKernelGeometry& g, const Operands
           columns_or_undefined(t.data_offset), columns_or_undefined(t.mask)};
 }
 
+// Room for the scope columns, or their gradient, of one chunk of at most `step` columns.
+Tensor chunk_rows_buffer(const DeformKernelGeometry& g, int64_t step, const Tensor& input) {
+  return at::empty({std::min(step, g.batch * g.positions()), g.scope_cells() * g.in_channels},
+                   input.options());
+}
+
 // Runs visit() with the chunk's range set to each run of `step` columns of the batch in turn.
 template <typename Visit>
 void for_each_chunk(ColumnChunk& chunk, int64_t step, Visit&& visit) {
@@ -368,11 +374,6 @@ struct LocalBackward {
   Tensor weight_rows, grad_out_rows;
 };
 
-LocalBackward local_backward(const DeformKernelGeometry& g, const Operands& t,
-                             const Tensor& grad_output) {
-  return {batch_in_column_layout(g, t), weight_cells_last(g, t.weight), to_rows(grad_output)};
-}
-
 // grad W'^T of each group, (groups, S*C_in/g, C_out/g), summed in float32 for half / bfloat16.
 Tensor zero_weight_grad_columns(const DeformKernelGeometry& g, const LocalBackward& local) {
   return at::zeros({g.groups, local.weight_rows.size(1), g.out_channels / g.groups},
@@ -391,7 +392,7 @@ Tensor weight_grad_from_columns(const DeformKernelGeometry& g, const Tensor& gra
 
 // The input, kernel offset, data offset and mask gradients, through grad Z = gO @ W' chunk by
 // chunk, and the weight's from grad_weight_cols (undefined where not wanted).
-Gradients local_gradients(const ColumnKernels& kernels, const DriverSettings& settings,
+Gradients gradients_through_grad_z(const ColumnKernels& kernels, const DriverSettings& settings,
                           LocalBackward& local, const Operands& t, const WantedGradients& wanted,
                           const Tensor& grad_weight_cols) {
   const auto& g = local.chunk.g;
@@ -405,9 +406,7 @@ Gradients local_gradients(const ColumnKernels& kernels, const DriverSettings& se
   Tensor grad_mask_columns = wanted.mask ? at::zeros_like(chunk.mask) : Tensor();
   if (wanted.input || wanted.offsets_or_mask()) {
     const int64_t step = columns_per_chunk(g, chunk.input, settings);
-    auto grad_z = at::empty({std::min(step, g.batch * g.positions()),
-                             g.scope_cells() * g.in_channels},
-                            chunk.input.options());
+    auto grad_z = chunk_rows_buffer(g, step, chunk.input);
     for_each_chunk(chunk, step, [&] {
       const auto grad_out_chunk = local.grad_out_rows.narrow(0, chunk.first, chunk.count);
       auto grad_z_chunk = grad_z.narrow(0, 0, chunk.count);
@@ -437,17 +436,32 @@ Gradients local_gradients(const ColumnKernels& kernels, const DriverSettings& se
   return op_results(t, wanted, grads);
 }
 
+// The local strategies' backward: add_weight_grad(local, grad_weight_cols) sums grad W'^T where
+// the weight's gradient is wanted, the other gradients go through grad Z.
+template <typename AddWeightGrad>
+Gradients local_backward(const ColumnKernels& kernels, const DriverSettings& settings,
+                         const DeformKernelGeometry& g, const Operands& t,
+                         const Tensor& grad_output, const WantedGradients& wanted,
+                         AddWeightGrad&& add_weight_grad) {
+  LocalBackward local{batch_in_column_layout(g, t), weight_cells_last(g, t.weight),
+                      to_rows(grad_output)};
+  Tensor grad_weight_cols;
+  if (wanted.weight) {
+    grad_weight_cols = zero_weight_grad_columns(g, local);
+    add_weight_grad(local, grad_weight_cols);
+  }
+  return gradients_through_grad_z(kernels, settings, local, t, wanted, grad_weight_cols);
+}
+
 // ------------------------------------------------------------------ columns
 
 Tensor forward_columns(const ColumnKernels& kernels, const DriverSettings& settings,
                        const DeformKernelGeometry& g, const Operands& t) {
   auto chunk = batch_in_column_layout(g, t);
-  const int64_t columns = g.batch * g.positions();
-  auto out_rows = at::empty({columns, g.out_channels}, t.input.options());
+  auto out_rows = at::empty({g.batch * g.positions(), g.out_channels}, t.input.options());
   const auto weight_rows = weight_cells_last(g, t.weight);
   const int64_t step = columns_per_chunk(g, t.input, settings);
-  auto z = at::empty({std::min(step, columns), g.scope_cells() * g.in_channels},
-                     t.input.options());
+  auto z = chunk_rows_buffer(g, step, t.input);
   for_each_chunk(chunk, step, [&] {
     auto z_chunk = z.narrow(0, 0, chunk.count);
     scatter_scope_columns(kernels, chunk, z_chunk);
@@ -464,16 +478,13 @@ Tensor forward_columns(const ColumnKernels& kernels, const DriverSettings& setti
 Gradients backward_columns(const ColumnKernels& kernels, const DriverSettings& settings,
                            const DeformKernelGeometry& g, const Operands& t,
                            const Tensor& grad_output, const WantedGradients& wanted) {
-  auto local = local_backward(g, t, grad_output);
-  Tensor grad_weight_cols;
-  if (wanted.weight) {
-    // grad W'^T += Z^T @ gO chunk by chunk: Z^T @ gO ran 15-20% faster than the transposed
-    // product gO^T @ Z in MKL (2-core EPYC, c3 scope 4 chunks: 150 vs 125 GFLOP/s).
-    grad_weight_cols = zero_weight_grad_columns(g, local);
+  // grad W'^T += Z^T @ gO chunk by chunk: Z^T @ gO ran 15-20% faster than the transposed
+  // product gO^T @ Z in MKL (2-core EPYC, c3 scope 4 chunks: 150 vs 125 GFLOP/s).
+  return local_backward(kernels, settings, g, t, grad_output, wanted,
+                        [&](LocalBackward& local, Tensor& grad_weight_cols) {
     auto& chunk = local.chunk;
     const int64_t step = columns_per_chunk(g, chunk.input, settings);
-    auto z = at::empty({std::min(step, g.batch * g.positions()), g.scope_cells() * g.in_channels},
-                       chunk.input.options());
+    auto z = chunk_rows_buffer(g, step, chunk.input);
     for_each_chunk(chunk, step, [&] {
       auto z_chunk = z.narrow(0, 0, chunk.count);
       scatter_scope_columns(kernels, chunk, z_chunk);
@@ -483,8 +494,7 @@ Gradients backward_columns(const ColumnKernels& kernels, const DriverSettings& s
                     group_part(grad_out_chunk, 1, g.groups, group));
       }
     });
-  }
-  return local_gradients(kernels, settings, local, t, wanted, grad_weight_cols);
+  });
 }
 
 // ------------------------------------------------------------------ implicit GEMM
@@ -505,18 +515,15 @@ Tensor forward_implicit_gemm(const ColumnKernels& kernels, const DriverSettings&
 Gradients backward_implicit_gemm(const ColumnKernels& kernels, const DriverSettings& settings,
                                  const DeformKernelGeometry& g, const Operands& t,
                                  const Tensor& grad_output, const WantedGradients& wanted) {
-  auto local = local_backward(g, t, grad_output);
-  Tensor grad_weight_cols;
-  if (wanted.weight) {
-    grad_weight_cols = zero_weight_grad_columns(g, local);
+  return local_backward(kernels, settings, g, t, grad_output, wanted,
+                        [&](LocalBackward& local, Tensor& grad_weight_cols) {
     auto& chunk = local.chunk;
     for_each_chunk(chunk, implicit_gemm_columns_per_chunk(g, chunk.input, settings), [&] {
       const auto grad_out_chunk = local.grad_out_rows.narrow(0, chunk.first, chunk.count);
       RECORD_FUNCTION("dk_ops::implicit_gemm_weight_grad", std::vector<c10::IValue>());
       kernels.implicit_gemm_weight_grad(chunk, grad_out_chunk, grad_weight_cols);
     });
-  }
-  return local_gradients(kernels, settings, local, t, wanted, grad_weight_cols);
+  });
 }
 
 // ------------------------------------------------------------------ one strategy per call
