@@ -81,6 +81,13 @@ DeformKernelGeometry check_deform_kernel_conv2d_args(
   TORCH_CHECK_VALUE(weight.dim() == 4,
                     "deform_kernel_conv2d: weight must be 4-D (C_out, C_in/groups, S_h, S_w), got shape ",
                     shape_of(weight));
+  // As in F.conv2d, the batch and the input channels may be empty (the output is then empty, or
+  // the bias: a sum of no terms), the image and the output channels not.
+  TORCH_CHECK_VALUE(input.size(2) >= 1 && input.size(3) >= 1,
+                    "deform_kernel_conv2d: input of shape ", shape_of(input),
+                    " has no pixels; only its batch or its channels may be empty");
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, "deform_kernel_conv2d: weight of shape ",
+                    shape_of(weight), " has no output channels; weight.shape[0] must be >= 1");
   check_like_input(weight, "weight", input);
   check_like_input(kernel_offset, "kernel_offset", input);
   check_pair(kernel_size, "kernel_size", 1);
