@@ -2,7 +2,7 @@
 // (select_strategy) and runs its forward or backward around the device's kernels.
 //
 //   bias only       an empty batch or no input channels: the sum has no terms, so the output is
-//                   the bias (zeros without one), as F.conv2d gives, and every gradient is zero
+//                   the bias (zeros without one) and every gradient zero
 //   float32 copies  half / bfloat16 on kernels that compute in float32 only (the CPU's): the
 //                   strategy of the float32 copies, its results cast back
 //   global          global kernel offsets without data offsets or mask: one device kernel samples
@@ -393,8 +393,9 @@ Tensor weight_grad_from_columns(const DeformKernelGeometry& g, const Tensor& gra
 // The input, kernel offset, data offset and mask gradients, through grad Z = gO @ W' chunk by
 // chunk, and the weight's from grad_weight_cols (undefined where not wanted).
 Gradients gradients_through_grad_z(const ColumnKernels& kernels, const DriverSettings& settings,
-                          LocalBackward& local, const Operands& t, const WantedGradients& wanted,
-                          const Tensor& grad_weight_cols) {
+                                   LocalBackward& local, const Operands& t,
+                                   const WantedGradients& wanted,
+                                   const Tensor& grad_weight_cols) {
   const auto& g = local.chunk.g;
   auto& chunk = local.chunk;
   // The input gradient sums over taps and chunks: in float32 for half / bfloat16.
