@@ -4,9 +4,9 @@ A CppExtension by default; a CUDAExtension (adding csrc/cuda/*.cu) when CUDA is 
 or FORCE_CUDA=1, so GPU builds also work on machines without a GPU. TORCH_CUDA_ARCH_LIST
 picks the architectures, as for any torch extension.
 
-A second extension, dk_ops._C_host_cuda, is always built: the CUDA kernels compiled for host
-threads (csrc/cuda/host_emulation.h), which the tests run on a CPU. It links to dk_ops._C,
-whose driver it calls.
+A second extension, dk_ops._C_emulated_cuda, is always built: the CUDA kernels compiled for
+host threads (csrc/emulated_cuda/), which the tests run on a CPU. It links to dk_ops._C, whose
+driver it calls.
 """
 import glob
 import os
@@ -50,27 +50,28 @@ def extension():
                          extra_link_args=link_flags)
 
 
-HOST_CUDA = 'dk_ops._C_host_cuda'
+EMULATED_CUDA = 'dk_ops._C_emulated_cuda'
 
 
-def host_cuda_extension():
-    source = os.path.join(CSRC, 'host_cuda', 'deform_kernel_conv2d_host_cuda.cpp')
+def emulated_cuda_extension():
+    source = os.path.join(CSRC, 'emulated_cuda', 'deform_kernel_conv2d_emulated_cuda.cpp')
     # The files it includes, so that setuptools rebuilds it when a kernel changes.
-    included = [os.path.join(CSRC, name) for name in (
-        'cuda/deform_kernel_conv2d_cuda.cu', 'cuda/implicit_gemm.cuh',
-        'cuda/host_emulation.h', 'deform_kernel_conv2d.h', 'global_kernel.h', 'sampling.h')]
+    included = sorted(glob.glob(os.path.join(CSRC, '*.h')) +
+                      glob.glob(os.path.join(CSRC, 'cuda', '*.cu*')) +
+                      glob.glob(os.path.join(CSRC, 'emulated_cuda', '*.h')))
     # $ORIGIN: the loader finds dk_ops._C beside this library, and reuses the copy that
     # `import dk_ops` has loaded (one registration of the ops, one driver).
-    return CppExtension(HOST_CUDA, [source], depends=included,
+    return CppExtension(EMULATED_CUDA, [source], depends=included,
                         extra_compile_args={'cxx': cxx_flags()},
                         extra_link_args=['-Wl,-rpath,$ORIGIN'])
 
 
 class BuildExtensions(BuildExtension):
-    """Links dk_ops._C_host_cuda to the dk_ops._C just built (the extensions build in order)."""
+    """Links dk_ops._C_emulated_cuda to the dk_ops._C just built (the extensions build in
+    order)."""
 
     def build_extension(self, ext):
-        if ext.name == HOST_CUDA:
+        if ext.name == EMULATED_CUDA:
             main = self.get_ext_fullpath('dk_ops._C')
             ext.library_dirs.append(os.path.dirname(main))
             ext.extra_link_args.append('-l:' + os.path.basename(main))
@@ -85,7 +86,7 @@ setup(
     packages=find_packages(include=['dk_ops', 'dk_ops.*', 'dk_mmdet', 'dk_mmdet.*']),
     python_requires='>=3.9',
     install_requires=['torch>=2.4'],
-    ext_modules=[extension(), host_cuda_extension()],
+    ext_modules=[extension(), emulated_cuda_extension()],
     cmdclass={'build_ext': BuildExtensions},
     zip_safe=False,
 )

@@ -26,6 +26,11 @@ def _default_scope(kernel_size: Tuple[int, int]) -> Tuple[int, int]:
     return tuple(size + 1 if size > 1 else 3 for size in kernel_size)
 
 
+def _check_positive(name: str, value: int):
+    if value < 1:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+
+
 class _DeformKernelBase(nn.Module):
     """Holds the scope ``weight`` (C_out, C_in/groups, S_h, S_w), the bias and the geometry."""
 
@@ -53,6 +58,12 @@ class _DeformKernelBase(nn.Module):
         self.reset_parameters()
 
     def _check_geometry(self):
+        # A layer needs channels (its offset generators, convolutions too, would see none) and
+        # group counts of at least one.
+        for name, value in (('in_channels', self.in_channels), ('out_channels', self.out_channels),
+                            ('groups', self.groups),
+                            ('kernel_offset_groups', self.kernel_offset_groups)):
+            _check_positive(name, value)
         for name, channels in (('in_channels', self.in_channels), ('out_channels',
                                                                    self.out_channels)):
             if channels % self.groups:
@@ -183,6 +194,7 @@ class DeformKernelConv2d(_DeformKernelBase):
 
     def __init__(self, *args, deform_groups: int = 1, modulated: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        _check_positive('deform_groups', deform_groups)
         if self.in_channels % deform_groups:
             raise ValueError(f'in_channels={self.in_channels} must be divisible by '
                              f'deform_groups={deform_groups}')

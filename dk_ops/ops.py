@@ -132,6 +132,9 @@ def _(input, weight, kernel_offset, data_offset, mask, bias, kernel_size, stride
     torch._check_value(
         weight.dim() == 4,
         lambda: f'deform_kernel_conv2d: weight must be 4-D, got {tuple(weight.shape)}')
+    torch._check_value(
+        all(s >= 1 for s in stride),
+        lambda: f'deform_kernel_conv2d: stride must be >= 1, got {list(stride)}')
     padded = [input.shape[2 + d] + 2 * padding[d] for d in range(2)]
     spanned = [dilation[d] * (kernel_size[d] - 1) + 1 for d in range(2)]
     for d in range(2):  # as F.conv2d: the padded input must hold the dilated kernel

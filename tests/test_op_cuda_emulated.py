@@ -1,10 +1,10 @@
 """The CUDA kernels of ``dk_ops.deform_kernel_conv2d`` executed on a CPU, against the float64
 reference over the op tests' problem matrix.
 
-``dk_ops._C_host_cuda`` is the GPU's kernel source (dk_ops/csrc/cuda/deform_kernel_conv2d_cuda.cu)
-compiled for host threads: every thread of each launch runs, with the lanes of a warp in
-lock-step at their shuffles (dk_ops/csrc/cuda/host_emulation.h). The op runs as users call it,
-through ``dk_ops.deform_kernel_conv2d``, its autograd formula and the shared driver; only the
+``dk_ops._C_emulated_cuda`` is the GPU's kernel source
+(dk_ops/csrc/cuda/deform_kernel_conv2d_cuda.cu) compiled for host threads: every thread of each
+launch runs, with the lanes of a warp in lock-step at their shuffles
+(dk_ops/csrc/emulated_cuda/emulated_cuda.h). The op runs as users call it, through ``dk_ops.deform_kernel_conv2d``, its autograd formula and the shared driver; only the
 forward and backward ops, below autograd, are sent to the emulated CUDA launchers."""
 import collections
 import contextlib
@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dk_ops
-import dk_ops._C_host_cuda  # noqa: F401  (registers torch.ops.dk_ops_host_cuda)
+import dk_ops._C_emulated_cuda  # noqa: F401  (registers torch.ops.dk_ops_emulated_cuda)
 from dk_reference import (DCN_PROBLEMS, PROBLEMS, by_name, deform_kernel_conv2d_reference,
                           output_and_gradients)
 from test_op_backward import (CHUNK_BOUNDARY_PROBLEMS, TENSOR_ARGUMENTS, TOLERANCE,
@@ -26,7 +26,7 @@ from test_op_cuda import (CUDA_PROBLEMS, REDUCED_PRECISION_PROBLEMS,
 
 class EmulatedCudaKernels(TorchDispatchMode):
     """Runs the ``torch.ops.dk_ops`` ops called under it on the emulated CUDA launchers of
-    ``torch.ops.dk_ops_host_cuda`` instead of the CPU kernels, and counts them; under the mode
+    ``torch.ops.dk_ops_emulated_cuda`` instead of the CPU kernels, and counts them; under the mode
     ``inside`` if given, which then sees the ATen ops those launchers call (a mode is off while
     its own handler runs, and so are those below it)."""
 
@@ -40,7 +40,7 @@ class EmulatedCudaKernels(TorchDispatchMode):
             return func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         self.calls[name] += 1
-        emulated = getattr(torch.ops.dk_ops_host_cuda, name).default
+        emulated = getattr(torch.ops.dk_ops_emulated_cuda, name).default
         if self.inside is None:
             return emulated(*args, **(kwargs or {}))
         with self.inside:  # straight to the kernel, so that `inside` sees what it calls

@@ -120,6 +120,21 @@ BAD_CALLS = [
     BadCall('negative_padding', dict(padding=(-1, 1)), ('padding', )),
     BadCall('zero_kernel_size', dict(kernel_size=(0, 3)), ('kernel_size', )),
     BadCall('zero_groups', dict(groups=0), ('groups', )),
+    BadCall('negative_groups', dict(groups=-1), ('groups', ), numbers=(-1, )),
+    BadCall('zero_kernel_offset_groups', dict(kernel_offset_groups=0), ('kernel_offset_groups', )),
+    BadCall('zero_deform_groups', dict(deform_groups=0), ('deform_groups', )),
+    # F.conv2d refuses these zero sizes too (test_op_zero_sizes.py has those it accepts).
+    BadCall('no_output_channels', dict(weight=zeros(0, 4, 4, 4), bias=None), ('weight', ),
+            ((0, 4, 4, 4), )),
+    # Padded enough to hold the kernel, with offsets and mask of the output size that gives.
+    BadCall('input_without_rows',
+            dict(input=zeros(2, 4, 0, 6), padding=2, kernel_offset=zeros(2, 18, 2, 8),
+                 data_offset=zeros(2, 18, 2, 8), mask=zeros(2, 9, 2, 8)),
+            ('input', ), ((2, 4, 0, 6), )),
+    BadCall('input_without_columns',
+            dict(input=zeros(2, 4, 7, 0), padding=2, kernel_offset=zeros(2, 18, 9, 2),
+                 data_offset=zeros(2, 18, 9, 2), mask=zeros(2, 9, 9, 2)),
+            ('input', ), ((2, 4, 7, 0), )),
 ]
 
 

@@ -5,7 +5,6 @@
 #include <Python.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <sstream>
 
 namespace dk_ops {
@@ -82,6 +81,13 @@ DeformKernelGeometry check_deform_kernel_conv2d_args(
   TORCH_CHECK_VALUE(weight.dim() == 4,
                     "deform_kernel_conv2d: weight must be 4-D (C_out, C_in/groups, S_h, S_w), got shape ",
                     shape_of(weight));
+  // As in F.conv2d, the batch and the input channels may be empty (the output is then empty, or
+  // the bias: a sum of no terms), the image and the output channels not.
+  TORCH_CHECK_VALUE(input.size(2) >= 1 && input.size(3) >= 1,
+                    "deform_kernel_conv2d: input of shape ", shape_of(input),
+                    " has no pixels; only its batch or its channels may be empty");
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, "deform_kernel_conv2d: weight of shape ",
+                    shape_of(weight), " has no output channels; weight.shape[0] must be >= 1");
   check_like_input(weight, "weight", input);
   check_like_input(kernel_offset, "kernel_offset", input);
   check_pair(kernel_size, "kernel_size", 1);
@@ -184,16 +190,6 @@ DeformKernelGeometry check_deform_kernel_conv2d_backward_args(
                     shape_of({g.batch, g.out_channels, g.out_h, g.out_w}), ", got ",
                     shape_of(grad_output));
   return g;
-}
-
-std::optional<int64_t> column_bytes_override() {
-  const char* env = std::getenv("DK_OPS_MAX_COLUMN_BYTES");
-  if (env == nullptr || *env == '\0') return std::nullopt;
-  char* end = nullptr;
-  const long long value = std::strtoll(env, &end, 10);
-  TORCH_CHECK_VALUE(end != env && *end == '\0' && value > 0,
-                    "DK_OPS_MAX_COLUMN_BYTES must be a positive integer, got '", env, "'");
-  return value;
 }
 
 TORCH_LIBRARY(dk_ops, m) {

@@ -44,10 +44,6 @@ DeformKernelGeometry check_deform_kernel_conv2d_backward_args(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     int64_t kernel_offset_groups, int64_t deform_groups);
 
-// DK_OPS_MAX_COLUMN_BYTES, when set: the bytes allowed for one column buffer, overriding the
-// default chunking (read on every call, so tests can set it).
-std::optional<int64_t> column_bytes_override();
-
 // ---------------------------------------------------------------------------------------
 // The local path works on "columns": one column per output location of the batch,
 // col = n * H_out * W_out + y * W_out + x. Z, the scope columns, holds for each column the
@@ -70,7 +66,8 @@ struct ColumnChunk {
 std::pair<int64_t, int64_t> rigid_input_rows(const ColumnChunk& chunk);
 
 // The loops that differ per device; the GEMMs, layouts and chunking around them are
-// shared (deform_kernel_conv2d_driver.cpp). Each writes only the tensors it receives.
+// shared (deform_kernel_conv2d_driver.cpp, which picks the strategy that calls them). Each writes
+// only the tensors it receives.
 struct ColumnKernels {
   // z (count, S*C_in) = scope columns of the chunk (every entry written).
   void (*scatter_scope_columns)(const ColumnChunk& chunk, at::Tensor& z);
@@ -118,8 +115,8 @@ struct DeviceKernels {
   ColumnKernels local;
   GlobalKernels global;
   // Whether the kernels take half and bfloat16 (summing in float32), as the CUDA ones do, also
-  // when compiled for host threads; the driver runs the others on float32 copies.
-  bool take_reduced_precision;
+  // when emulated; the driver runs the others on float32 copies.
+  bool takes_half_and_bfloat16;
 };
 
 at::Tensor deform_kernel_conv2d_forward(

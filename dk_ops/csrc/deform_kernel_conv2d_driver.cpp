@@ -1,18 +1,28 @@
-// The device-independent part of deform_kernel_conv2d: layouts, chunking and GEMMs of the
-// local path around the per-device column kernels, and the global-offset fast path.
+// The device-independent part of deform_kernel_conv2d: each call picks one strategy
+// (select_strategy) and runs its forward or backward around the device's kernels.
 //
-// Local path, per chunk of columns (see deform_kernel_conv2d.h), per group:
-//   forward   out[cols]  = Z @ W'^T          W' = weight as (C_out, S*C_in/g)
-//   backward  grad W'^T += Z^T @ gO[cols]    (BLAS runs it faster than gO^T @ Z: see below)
-//             grad Z     = gO[cols] @ W'     -> input / offset / mask gradients
-// with the output and its gradient as channels-last rows (N*L, C_out): BLAS runs these
-// shapes faster than their transposes when C_out is small (2-3x at C_out = 32). With
-// DK_OPS_LOCAL_KERNELS=implicit_gemm the device's implicit GEMMs compute out and grad W'^T
-// without Z in memory, all columns at once.
-// Global path (kernel_offset (N, 2*Gk*taps), no data offset, no mask): one device kernel samples
-// the kernel of every image (global_kernel.h), the batch runs as one grouped convolution, and one
-// device kernel each takes the filters' gradient back to the scope and to the offsets: a handful
-// of launches, whatever the batch and the groups.
+//   bias only       an empty batch or no input channels: the sum has no terms, so the output is
+//                   the bias (zeros without one) and every gradient zero
+//   float32 copies  half / bfloat16 on kernels that compute in float32 only (the CPU's): the
+//                   strategy of the float32 copies, its results cast back
+//   global          global kernel offsets without data offsets or mask: one device kernel samples
+//                   the kernel of every image (global_kernel.h), the batch runs as one grouped
+//                   convolution, and one device kernel each takes the filters' gradient back to
+//                   the scope and to the offsets: a handful of launches, whatever the batch and
+//                   the groups
+//   implicit GEMM   opt-in (DriverSettings), where the device has them (CUDA): the forward's
+//                   output and the backward's weight gradient without Z in memory; the other
+//                   gradients as on the columns
+//   columns         the default local path, per chunk of columns (deform_kernel_conv2d.h), per
+//                   group:
+//       forward   out[cols]  = Z @ W'^T          W' = weight as (C_out, S*C_in/g)
+//       backward  grad W'^T += Z^T @ gO[cols]    (BLAS runs it faster than gO^T @ Z: see below)
+//                 grad Z     = gO[cols] @ W'     -> input / offset / mask gradients
+//                   with the output and its gradient as channels-last rows (N*L, C_out): BLAS
+//                   runs these shapes faster than their transposes when C_out is small (2-3x at
+//                   C_out = 32).
+// Another way to compute the local path (tensor cores, say) is one more Strategy, chosen in
+// select_strategy, with its forward and backward functions.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
@@ -28,6 +38,68 @@ namespace {
 
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
+
+// ------------------------------------------------------------------ settings and strategies
+
+// The driver's switches, read from the environment once per call (read_settings), so that a
+// benchmark or a test can change them between calls; a bad value raises whatever the strategy.
+struct DriverSettings {
+  // DK_OPS_LOCAL_KERNELS: "columns" (or unset) for the scope columns, "implicit_gemm" for the
+  // device's implicit GEMMs where it has them (CUDA; unmeasured on a GPU as yet, docs/gpu.md).
+  bool implicit_gemm = false;
+  // DK_OPS_MAX_COLUMN_BYTES, a positive integer: the bytes of one chunk of scope columns, in place
+  // of the default chunking; it also cuts the implicit GEMMs' columns into chunks (the tests do,
+  // to start chunks mid-tile).
+  std::optional<int64_t> max_column_bytes;
+};
+
+DriverSettings read_settings() {
+  DriverSettings settings;
+  if (const char* env = std::getenv("DK_OPS_LOCAL_KERNELS");
+      env != nullptr && *env != '\0' && std::string_view(env) != "columns") {
+    TORCH_CHECK_VALUE(std::string_view(env) == "implicit_gemm",
+                      "DK_OPS_LOCAL_KERNELS must be 'columns' or 'implicit_gemm' (or unset), got '",
+                      env, "'");
+    settings.implicit_gemm = true;
+  }
+  if (const char* env = std::getenv("DK_OPS_MAX_COLUMN_BYTES"); env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long long bytes = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(end != env && *end == '\0' && bytes > 0,
+                      "DK_OPS_MAX_COLUMN_BYTES must be a positive integer, got '", env, "'");
+    settings.max_column_bytes = bytes;
+  }
+  return settings;
+}
+
+// The op's tensors, checked (bias is absent in the backward).
+struct Operands {
+  Tensor input, weight, kernel_offset;
+  OptionalTensor data_offset, mask, bias;
+};
+
+enum class Strategy { kBiasOnly, kFloat32Copies, kGlobal, kImplicitGemm, kColumns };
+enum class Pass { kForward, kBackward };
+
+bool is_reduced_precision(const Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
+Strategy select_strategy(const DeviceKernels& kernels, const DriverSettings& settings,
+                         const DeformKernelGeometry& g, const Operands& t, Pass pass) {
+  if (g.batch == 0 || g.in_channels == 0) return Strategy::kBiasOnly;
+  if (is_reduced_precision(t.input) && !kernels.takes_half_and_bfloat16) {
+    return Strategy::kFloat32Copies;
+  }
+  if (g.global_kernel_offset && !t.data_offset && !t.mask) return Strategy::kGlobal;
+  const bool device_has_implicit_gemm = pass == Pass::kForward
+                                            ? kernels.local.implicit_gemm_forward != nullptr
+                                            : kernels.local.implicit_gemm_weight_grad != nullptr;
+  if (settings.implicit_gemm && device_has_implicit_gemm) return Strategy::kImplicitGemm;
+  return Strategy::kColumns;
+}
+
+// ------------------------------------------------------------------ layouts and products
 
 // (N, C, H_out, W_out) -> (C, N*L) columns, and back.
 Tensor to_columns(const Tensor& t) {
@@ -61,81 +133,6 @@ Tensor group_part(const Tensor& t, int64_t dim, int64_t groups, int64_t group) {
   return t.narrow(dim, group * size, size);
 }
 
-// The local path samples and multiplies the columns chunk by chunk, so the buffer stays
-// bounded. On CPU a chunk of 4 MB is still in cache when the GEMM reads what the sampling
-// pass has just written, but never fewer than 512 columns, the GEMMs' N, below which MKL
-// loses more than the cache saves (2-core EPYC, forward+backward: c3 scope 4 ran 2.75x of
-// F.conv2d at 4 MB / 512 columns against 3.23x at 16 MB; c5 scope 4 ran 2.69x at 4 MB /
-// 128 columns against 2.34x at 16 MB / 512 columns). GPUs take 16 MB, enough to fill the
-// device and amortise the launches.
-int64_t columns_per_chunk(const DeformKernelGeometry& g, const Tensor& input) {
-  const int64_t per_column = g.in_channels * g.scope_cells() * input.element_size();
-  if (const auto bytes = column_bytes_override()) return std::max<int64_t>(1, *bytes / per_column);
-  if (!input.is_cpu()) return std::max<int64_t>(1, (int64_t{16} << 20) / per_column);
-  return std::max<int64_t>(512, (int64_t{4} << 20) / per_column);
-}
-
-ColumnChunk whole_batch(const DeformKernelGeometry& g, const Tensor& input,
-                        const Tensor& kernel_offset, const OptionalTensor& data_offset,
-                        const OptionalTensor& mask) {
-  // Global offsets combined with data offsets or a mask: broadcast to every location.
-  const Tensor local_offset =
-      g.global_kernel_offset
-          ? kernel_offset.view({g.batch, -1, 1, 1}).expand({-1, -1, g.out_h, g.out_w})
-          : kernel_offset;
-  return {g, 0, 0, input.permute({0, 2, 3, 1}).contiguous(), to_columns(local_offset),
-          columns_or_undefined(data_offset), columns_or_undefined(mask)};
-}
-
-// The column passes, each a named range in torch.profiler traces.
-void scatter_scope_columns(const ColumnKernels& kernels, const ColumnChunk& chunk, Tensor& z) {
-  RECORD_FUNCTION("dk_ops::scatter_scope_columns", std::vector<c10::IValue>());
-  kernels.scatter_scope_columns(chunk, z);
-}
-void gather_input_grad(const ColumnKernels& kernels, const ColumnChunk& chunk,
-                       const Tensor& grad_z, Tensor& grad_input) {
-  RECORD_FUNCTION("dk_ops::gather_input_grad", std::vector<c10::IValue>());
-  kernels.gather_input_grad(chunk, grad_z, grad_input);
-}
-void offset_and_mask_grads(const ColumnKernels& kernels, const ColumnChunk& chunk,
-                           const Tensor& grad_z, Tensor& grad_kernel_offset,
-                           Tensor& grad_data_offset, Tensor& grad_mask) {
-  RECORD_FUNCTION("dk_ops::offset_and_mask_grads", std::vector<c10::IValue>());
-  kernels.offset_and_mask_grads(chunk, grad_z, grad_kernel_offset, grad_data_offset, grad_mask);
-}
-
-// DK_OPS_LOCAL_KERNELS: which kernels the local path runs, read on every call (like
-// DK_OPS_MAX_COLUMN_BYTES) so that a benchmark or a test can switch between calls:
-//   columns (or unset)  scope columns chunk by chunk, then GEMMs per group (the default)
-//   implicit_gemm       the device's implicit GEMMs where it has them (CUDA): the forward's
-//                       output and the backward's weight gradient without Z in memory (the other
-//                       gradients still go through grad Z); the columns where not. Unmeasured
-//                       on a GPU as yet (docs/gpu.md)
-bool implicit_gemm_requested() {
-  const char* env = std::getenv("DK_OPS_LOCAL_KERNELS");
-  if (env == nullptr || *env == '\0' || std::string_view(env) == "columns") return false;
-  TORCH_CHECK_VALUE(std::string_view(env) == "implicit_gemm",
-                    "DK_OPS_LOCAL_KERNELS must be 'columns' or 'implicit_gemm' (or unset), got '",
-                    env, "'");
-  return true;
-}
-
-// Runs launch() over chunks of the `columns` columns: all of them at once, as the implicit GEMMs
-// keep no Z to bound, unless DK_OPS_MAX_COLUMN_BYTES asks for chunks (the tests do, to start
-// chunks mid-tile).
-template <typename Launch>
-void for_each_implicit_gemm_chunk(ColumnChunk& chunk, int64_t columns, Launch&& launch) {
-  const int64_t step =
-      column_bytes_override() ? columns_per_chunk(chunk.g, chunk.input) : columns;
-  for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
-    chunk.count = std::min(step, columns - chunk.first);
-    launch();
-  }
-}
-
-bool is_reduced_precision(const Tensor& t) {
-  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
-}
 // The dtype sums are kept in: float32 for half / bfloat16, which reach the code below only with
 // kernels that take them (the CUDA ones; the CPU's compute them in float32 throughout).
 at::ScalarType sum_dtype(const Tensor& t) {
@@ -150,8 +147,81 @@ void add_product(const Tensor& sum, const Tensor& a, const Tensor& b) {
     sum.add_(at::mm(a, b));
   }
 }
+
+OptionalTensor contiguous(const OptionalTensor& t) {
+  return t ? OptionalTensor(t->contiguous()) : std::nullopt;
+}
+
+// ------------------------------------------------------------------ gradients
+
+// Which of the backward op's gradients (input, weight, kernel_offset, data_offset, mask) are
+// wanted; data_offset's and mask's only where the call has them.
+struct WantedGradients {
+  bool input, weight, kernel_offset, data_offset, mask;
+
+  bool offsets_or_mask() const { return kernel_offset || data_offset || mask; }
+};
+
+using Gradients = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The backward op's results from the gradients a strategy computed, in the op's order; an
+// undefined one that is wanted (no path leads to it) is zeros. Outputs of an op must not alias
+// each other, so every unwanted gradient is its own empty tensor; wanted ones are contiguous, as
+// the fake kernel promises.
+Gradients op_results(const Operands& t, const WantedGradients& wanted,
+                     const std::array<Tensor, 5>& grads) {
+  auto result = [&](bool needed, const Tensor& grad, const Tensor& like) {
+    if (!needed) return at::empty({0}, t.input.options());
+    return grad.defined() ? grad.contiguous() : at::zeros_like(like, at::MemoryFormat::Contiguous);
+  };
+  return {result(wanted.input, grads[0], t.input), result(wanted.weight, grads[1], t.weight),
+          result(wanted.kernel_offset, grads[2], t.kernel_offset),
+          result(wanted.data_offset, grads[3], wanted.data_offset ? *t.data_offset : Tensor()),
+          result(wanted.mask, grads[4], wanted.mask ? *t.mask : Tensor())};
+}
+
+// ------------------------------------------------------------------ bias only
+
+Tensor forward_bias_only(const DeformKernelGeometry& g, const Operands& t) {
+  auto output = at::zeros({g.batch, g.out_channels, g.out_h, g.out_w}, t.input.options());
+  if (t.bias) output.add_(t.bias->view({1, -1, 1, 1}));
+  return output;
+}
+
+Gradients backward_bias_only(const Operands& t, const WantedGradients& wanted) {
+  return op_results(t, wanted, {});
+}
+
+// ------------------------------------------------------------------ float32 copies
+
 OptionalTensor to_float(const OptionalTensor& t) {
   return t ? OptionalTensor(t->to(at::kFloat)) : std::nullopt;
+}
+
+Operands float32_copies(const Operands& t) {
+  return {t.input.to(at::kFloat), t.weight.to(at::kFloat), t.kernel_offset.to(at::kFloat),
+          to_float(t.data_offset),  to_float(t.mask),         to_float(t.bias)};
+}
+
+Tensor run_forward(const DeviceKernels& kernels, const DriverSettings& settings,
+                   const DeformKernelGeometry& g, const Operands& t);
+Gradients run_backward(const DeviceKernels& kernels, const DriverSettings& settings,
+                       const DeformKernelGeometry& g, const Operands& t,
+                       const Tensor& grad_output, const WantedGradients& wanted);
+
+Tensor forward_float32_copies(const DeviceKernels& kernels, const DriverSettings& settings,
+                              const DeformKernelGeometry& g, const Operands& t) {
+  return run_forward(kernels, settings, g, float32_copies(t)).to(t.input.scalar_type());
+}
+
+Gradients backward_float32_copies(const DeviceKernels& kernels, const DriverSettings& settings,
+                                  const DeformKernelGeometry& g, const Operands& t,
+                                  const Tensor& grad_output, const WantedGradients& wanted) {
+  const auto [input, weight, kernel_offset, data_offset, mask] = run_backward(
+      kernels, settings, g, float32_copies(t), grad_output.to(at::kFloat), wanted);
+  const auto dtype = t.input.scalar_type();
+  return {input.to(dtype), weight.to(dtype), kernel_offset.to(dtype), data_offset.to(dtype),
+          mask.to(dtype)};
 }
 
 // ------------------------------------------------------------------ global kernel offsets
@@ -173,10 +243,12 @@ Tensor batch_as_channels(const Tensor& t) {
   return t.reshape({1, t.size(0) * t.size(1), t.size(2), t.size(3)});
 }
 
-Tensor global_forward(const GlobalKernels& kernels, const DeformKernelGeometry& g,
-                      const Tensor& input, const Tensor& weight, const Tensor& kernel_offset,
-                      const OptionalTensor& bias) {
-  const auto filters = global_filters(kernels, g, weight, kernel_offset);
+Tensor forward_global(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                      const Operands& t) {
+  const auto input = t.input.contiguous();
+  const auto filters = global_filters(kernels, g, t.weight.contiguous(),
+                                      t.kernel_offset.contiguous());
+  const auto bias = contiguous(t.bias);
   const OptionalTensor batch_bias = bias ? OptionalTensor(bias->repeat({g.batch})) : std::nullopt;
   return at::convolution(batch_as_channels(input), filters, batch_bias, {g.stride_h, g.stride_w},
                          {g.pad_h, g.pad_w}, {g.dilation_h, g.dilation_w}, false, {0, 0},
@@ -184,43 +256,312 @@ Tensor global_forward(const GlobalKernels& kernels, const DeformKernelGeometry& 
       .view({g.batch, g.out_channels, g.out_h, g.out_w});
 }
 
-// Gradients of (input, weight, kernel_offset); undefined where not needed. The convolution's
-// backward gives the input's and the filters' gradients; one device kernel takes the filters'
-// gradient back to the scope, another to the offsets.
-std::array<Tensor, 3> global_backward(const GlobalKernels& kernels, const DeformKernelGeometry& g,
-                                      const Tensor& grad_output, const Tensor& input,
-                                      const Tensor& weight, const Tensor& kernel_offset,
-                                      std::array<bool, 3> needed) {
-  const bool need_filters = needed[1] || needed[2];
+// The convolution's backward gives the input's and the filters' gradients; one device kernel
+// takes the filters' gradient back to the scope, another to the offsets.
+Gradients backward_global(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                          const Operands& t, const Tensor& grad_output,
+                          const WantedGradients& wanted) {
+  const auto input = t.input.contiguous(), weight = t.weight.contiguous();
+  const auto kernel_offset = t.kernel_offset.contiguous();
+  const bool need_filters = wanted.weight || wanted.kernel_offset;
   auto [grad_batch_input, grad_filters, unused_grad_bias] = at::convolution_backward(
-      batch_as_channels(grad_output), batch_as_channels(input),
+      batch_as_channels(grad_output.contiguous()), batch_as_channels(input),
       global_filters(kernels, g, weight, kernel_offset), std::nullopt, {g.stride_h, g.stride_w},
       {g.pad_h, g.pad_w}, {g.dilation_h, g.dilation_w}, false, {0, 0}, g.batch * g.groups,
-      {needed[0], need_filters, false});
-  std::array<Tensor, 3> grads;
-  if (needed[0]) grads[0] = grad_batch_input.view_as(input);
-  if (!need_filters) return grads;
-  grad_filters = grad_filters.contiguous();
-  if (needed[1]) {
+      {wanted.input, need_filters, false});
+  std::array<Tensor, 5> grads;
+  if (wanted.input) grads[0] = grad_batch_input.view_as(input);
+  if (need_filters) grad_filters = grad_filters.contiguous();
+  if (wanted.weight) {
     grads[1] = at::empty_like(weight);
     RECORD_FUNCTION("dk_ops::global_weight_grad", std::vector<c10::IValue>());
     kernels.weight_grad(g, grad_filters, kernel_offset, grads[1]);
   }
-  if (needed[2]) {
+  if (wanted.kernel_offset) {
     grads[2] = at::empty_like(kernel_offset);
     RECORD_FUNCTION("dk_ops::global_offset_grad", std::vector<c10::IValue>());
     kernels.offset_grad(g, grad_filters, weight, kernel_offset, grads[2]);
   }
-  return grads;
+  return op_results(t, wanted, grads);
 }
 
-bool uses_global_path(const DeformKernelGeometry& g, const OptionalTensor& data_offset,
-                      const OptionalTensor& mask) {
-  return g.global_kernel_offset && !data_offset && !mask;
+// ------------------------------------------------------------------ the local path's chunks
+
+// The local path samples and multiplies the columns chunk by chunk, so the buffer stays
+// bounded. On CPU a chunk of 4 MB is still in cache when the GEMM reads what the sampling
+// pass has just written, but never fewer than 512 columns, the GEMMs' N, below which MKL
+// loses more than the cache saves (2-core EPYC, forward+backward: c3 scope 4 ran 2.75x of
+// F.conv2d at 4 MB / 512 columns against 3.23x at 16 MB; c5 scope 4 ran 2.69x at 4 MB /
+// 128 columns against 2.34x at 16 MB / 512 columns). GPUs take 16 MB, enough to fill the
+// device and amortise the launches.
+int64_t columns_per_chunk(const DeformKernelGeometry& g, const Tensor& input,
+                          const DriverSettings& settings) {
+  // Positive: no input channels take the bias-only strategy, and the scope is at least a tap.
+  const int64_t per_column = g.in_channels * g.scope_cells() * input.element_size();
+  TORCH_INTERNAL_ASSERT(per_column > 0, "columns_per_chunk: a column of no bytes");
+  if (settings.max_column_bytes) {
+    return std::max<int64_t>(1, *settings.max_column_bytes / per_column);
+  }
+  if (!input.is_cpu()) return std::max<int64_t>(1, (int64_t{16} << 20) / per_column);
+  return std::max<int64_t>(512, (int64_t{4} << 20) / per_column);
 }
 
-OptionalTensor contiguous(const OptionalTensor& t) {
-  return t ? OptionalTensor(t->contiguous()) : std::nullopt;
+// The implicit GEMMs keep no Z to bound, so they take all the columns at once, unless
+// DK_OPS_MAX_COLUMN_BYTES asks for chunks.
+int64_t implicit_gemm_columns_per_chunk(const DeformKernelGeometry& g, const Tensor& input,
+                                        const DriverSettings& settings) {
+  return settings.max_column_bytes ? columns_per_chunk(g, input, settings)
+                                   : g.batch * g.positions();
+}
+
+// The batch's tensors in the layouts the column kernels read, as a chunk whose range (first,
+// count) for_each_chunk sets. Global offsets combined with data offsets or a mask are broadcast
+// to every location.
+ColumnChunk batch_in_column_layout(const DeformKernelGeometry& g, const Operands& t) {
+  const Tensor local_offset =
+      g.global_kernel_offset
+          ? t.kernel_offset.view({g.batch, -1, 1, 1}).expand({-1, -1, g.out_h, g.out_w})
+          : t.kernel_offset;
+  return {g, 0, 0, t.input.permute({0, 2, 3, 1}).contiguous(), to_columns(local_offset),
+          columns_or_undefined(t.data_offset), columns_or_undefined(t.mask)};
+}
+
+// Room for the scope columns, or their gradient, of one chunk of at most `step` columns.
+Tensor chunk_rows_buffer(const DeformKernelGeometry& g, int64_t step, const Tensor& input) {
+  return at::empty({std::min(step, g.batch * g.positions()), g.scope_cells() * g.in_channels},
+                   input.options());
+}
+
+// Runs visit() with the chunk's range set to each run of `step` columns of the batch in turn.
+template <typename Visit>
+void for_each_chunk(ColumnChunk& chunk, int64_t step, Visit&& visit) {
+  const int64_t columns = chunk.g.batch * chunk.g.positions();
+  for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
+    chunk.count = std::min(step, columns - chunk.first);
+    visit();
+  }
+}
+
+// The output from its rows (N*L, C_out), plus the bias.
+Tensor output_from_rows(const Tensor& out_rows, const DeformKernelGeometry& g,
+                        const OptionalTensor& bias) {
+  auto output = from_rows(out_rows, g);
+  if (bias) output.add_(bias->view({1, -1, 1, 1}));
+  return output;
+}
+
+// The column passes, each a named range in torch.profiler traces.
+void scatter_scope_columns(const ColumnKernels& kernels, const ColumnChunk& chunk, Tensor& z) {
+  RECORD_FUNCTION("dk_ops::scatter_scope_columns", std::vector<c10::IValue>());
+  kernels.scatter_scope_columns(chunk, z);
+}
+void gather_input_grad(const ColumnKernels& kernels, const ColumnChunk& chunk,
+                       const Tensor& grad_z, Tensor& grad_input) {
+  RECORD_FUNCTION("dk_ops::gather_input_grad", std::vector<c10::IValue>());
+  kernels.gather_input_grad(chunk, grad_z, grad_input);
+}
+void offset_and_mask_grads(const ColumnKernels& kernels, const ColumnChunk& chunk,
+                           const Tensor& grad_z, Tensor& grad_kernel_offset,
+                           Tensor& grad_data_offset, Tensor& grad_mask) {
+  RECORD_FUNCTION("dk_ops::offset_and_mask_grads", std::vector<c10::IValue>());
+  kernels.offset_and_mask_grads(chunk, grad_z, grad_kernel_offset, grad_data_offset, grad_mask);
+}
+
+// What the local strategies' backward works on: the batch in column layouts, the weight as W'
+// and the output gradient as channels-last rows (N*L, C_out).
+struct LocalBackward {
+  ColumnChunk chunk;
+  Tensor weight_rows, grad_out_rows;
+};
+
+// grad W'^T of each group, (groups, S*C_in/g, C_out/g), summed in float32 for half / bfloat16.
+Tensor zero_weight_grad_columns(const DeformKernelGeometry& g, const LocalBackward& local) {
+  return at::zeros({g.groups, local.weight_rows.size(1), g.out_channels / g.groups},
+                   local.weight_rows.options().dtype(sum_dtype(local.weight_rows)));
+}
+
+// The weight's gradient from grad W'^T (groups, S*C_in/g, C_out/g).
+Tensor weight_grad_from_columns(const DeformKernelGeometry& g, const Tensor& grad_weight_cols,
+                                const Tensor& weight) {
+  return grad_weight_cols.transpose(1, 2)
+      .reshape({g.out_channels, g.scope_cells(), -1})
+      .transpose(1, 2)
+      .reshape(weight.sizes())
+      .to(weight.scalar_type());  // a no-op unless summed in float32
+}
+
+// The input, kernel offset, data offset and mask gradients, through grad Z = gO @ W' chunk by
+// chunk, and the weight's from grad_weight_cols (undefined where not wanted).
+Gradients gradients_through_grad_z(const ColumnKernels& kernels, const DriverSettings& settings,
+                                   LocalBackward& local, const Operands& t,
+                                   const WantedGradients& wanted,
+                                   const Tensor& grad_weight_cols) {
+  const auto& g = local.chunk.g;
+  auto& chunk = local.chunk;
+  // The input gradient sums over taps and chunks: in float32 for half / bfloat16.
+  Tensor grad_input_cl =
+      wanted.input ? at::zeros_like(chunk.input, sum_dtype(chunk.input)) : Tensor();
+  Tensor grad_kernel_columns =
+      wanted.kernel_offset ? at::zeros_like(chunk.kernel_offset) : Tensor();
+  Tensor grad_data_columns = wanted.data_offset ? at::zeros_like(chunk.data_offset) : Tensor();
+  Tensor grad_mask_columns = wanted.mask ? at::zeros_like(chunk.mask) : Tensor();
+  if (wanted.input || wanted.offsets_or_mask()) {
+    const int64_t step = columns_per_chunk(g, chunk.input, settings);
+    auto grad_z = chunk_rows_buffer(g, step, chunk.input);
+    for_each_chunk(chunk, step, [&] {
+      const auto grad_out_chunk = local.grad_out_rows.narrow(0, chunk.first, chunk.count);
+      auto grad_z_chunk = grad_z.narrow(0, 0, chunk.count);
+      for (int64_t group = 0; group < g.groups; ++group) {
+        auto grad_z_part = group_part(grad_z_chunk, 1, g.groups, group);
+        at::mm_out(grad_z_part, group_part(grad_out_chunk, 1, g.groups, group),
+                   group_part(local.weight_rows, 0, g.groups, group));
+      }
+      if (wanted.input) gather_input_grad(kernels, chunk, grad_z_chunk, grad_input_cl);
+      if (wanted.offsets_or_mask()) {
+        offset_and_mask_grads(kernels, chunk, grad_z_chunk, grad_kernel_columns,
+                              grad_data_columns, grad_mask_columns);
+      }
+    });
+  }
+  std::array<Tensor, 5> grads;
+  if (wanted.input) {
+    grads[0] = grad_input_cl.permute({0, 3, 1, 2}).contiguous().to(t.input.scalar_type());
+  }
+  if (wanted.weight) grads[1] = weight_grad_from_columns(g, grad_weight_cols, t.weight);
+  if (wanted.kernel_offset) {
+    grads[2] = from_columns(grad_kernel_columns, g);
+    if (g.global_kernel_offset) grads[2] = grads[2].sum({2, 3});
+  }
+  if (wanted.data_offset) grads[3] = from_columns(grad_data_columns, g);
+  if (wanted.mask) grads[4] = from_columns(grad_mask_columns, g);
+  return op_results(t, wanted, grads);
+}
+
+// The local strategies' backward: add_weight_grad(local, grad_weight_cols) sums grad W'^T where
+// the weight's gradient is wanted, the other gradients go through grad Z.
+template <typename AddWeightGrad>
+Gradients local_backward(const ColumnKernels& kernels, const DriverSettings& settings,
+                         const DeformKernelGeometry& g, const Operands& t,
+                         const Tensor& grad_output, const WantedGradients& wanted,
+                         AddWeightGrad&& add_weight_grad) {
+  LocalBackward local{batch_in_column_layout(g, t), weight_cells_last(g, t.weight),
+                      to_rows(grad_output)};
+  Tensor grad_weight_cols;
+  if (wanted.weight) {
+    grad_weight_cols = zero_weight_grad_columns(g, local);
+    add_weight_grad(local, grad_weight_cols);
+  }
+  return gradients_through_grad_z(kernels, settings, local, t, wanted, grad_weight_cols);
+}
+
+// ------------------------------------------------------------------ columns
+
+Tensor forward_columns(const ColumnKernels& kernels, const DriverSettings& settings,
+                       const DeformKernelGeometry& g, const Operands& t) {
+  auto chunk = batch_in_column_layout(g, t);
+  auto out_rows = at::empty({g.batch * g.positions(), g.out_channels}, t.input.options());
+  const auto weight_rows = weight_cells_last(g, t.weight);
+  const int64_t step = columns_per_chunk(g, t.input, settings);
+  auto z = chunk_rows_buffer(g, step, t.input);
+  for_each_chunk(chunk, step, [&] {
+    auto z_chunk = z.narrow(0, 0, chunk.count);
+    scatter_scope_columns(kernels, chunk, z_chunk);
+    const auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
+    for (int64_t group = 0; group < g.groups; ++group) {
+      auto out_part = group_part(out_chunk, 1, g.groups, group);
+      at::mm_out(out_part, group_part(z_chunk, 1, g.groups, group),
+                 group_part(weight_rows, 0, g.groups, group).t());
+    }
+  });
+  return output_from_rows(out_rows, g, t.bias);
+}
+
+Gradients backward_columns(const ColumnKernels& kernels, const DriverSettings& settings,
+                           const DeformKernelGeometry& g, const Operands& t,
+                           const Tensor& grad_output, const WantedGradients& wanted) {
+  // grad W'^T += Z^T @ gO chunk by chunk: Z^T @ gO ran 15-20% faster than the transposed
+  // product gO^T @ Z in MKL (2-core EPYC, c3 scope 4 chunks: 150 vs 125 GFLOP/s).
+  return local_backward(kernels, settings, g, t, grad_output, wanted,
+                        [&](LocalBackward& local, Tensor& grad_weight_cols) {
+    auto& chunk = local.chunk;
+    const int64_t step = columns_per_chunk(g, chunk.input, settings);
+    auto z = chunk_rows_buffer(g, step, chunk.input);
+    for_each_chunk(chunk, step, [&] {
+      auto z_chunk = z.narrow(0, 0, chunk.count);
+      scatter_scope_columns(kernels, chunk, z_chunk);
+      const auto grad_out_chunk = local.grad_out_rows.narrow(0, chunk.first, chunk.count);
+      for (int64_t group = 0; group < g.groups; ++group) {
+        add_product(grad_weight_cols[group], group_part(z_chunk, 1, g.groups, group).t(),
+                    group_part(grad_out_chunk, 1, g.groups, group));
+      }
+    });
+  });
+}
+
+// ------------------------------------------------------------------ implicit GEMM
+
+Tensor forward_implicit_gemm(const ColumnKernels& kernels, const DriverSettings& settings,
+                             const DeformKernelGeometry& g, const Operands& t) {
+  auto chunk = batch_in_column_layout(g, t);
+  auto out_rows = at::empty({g.batch * g.positions(), g.out_channels}, t.input.options());
+  const auto weight = t.weight.contiguous();
+  for_each_chunk(chunk, implicit_gemm_columns_per_chunk(g, t.input, settings), [&] {
+    auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
+    RECORD_FUNCTION("dk_ops::implicit_gemm_forward", std::vector<c10::IValue>());
+    kernels.implicit_gemm_forward(chunk, weight, out_chunk);
+  });
+  return output_from_rows(out_rows, g, t.bias);
+}
+
+Gradients backward_implicit_gemm(const ColumnKernels& kernels, const DriverSettings& settings,
+                                 const DeformKernelGeometry& g, const Operands& t,
+                                 const Tensor& grad_output, const WantedGradients& wanted) {
+  return local_backward(kernels, settings, g, t, grad_output, wanted,
+                        [&](LocalBackward& local, Tensor& grad_weight_cols) {
+    auto& chunk = local.chunk;
+    for_each_chunk(chunk, implicit_gemm_columns_per_chunk(g, chunk.input, settings), [&] {
+      const auto grad_out_chunk = local.grad_out_rows.narrow(0, chunk.first, chunk.count);
+      RECORD_FUNCTION("dk_ops::implicit_gemm_weight_grad", std::vector<c10::IValue>());
+      kernels.implicit_gemm_weight_grad(chunk, grad_out_chunk, grad_weight_cols);
+    });
+  });
+}
+
+// ------------------------------------------------------------------ one strategy per call
+
+Tensor run_forward(const DeviceKernels& kernels, const DriverSettings& settings,
+                   const DeformKernelGeometry& g, const Operands& t) {
+  switch (select_strategy(kernels, settings, g, t, Pass::kForward)) {
+    case Strategy::kBiasOnly:
+      return forward_bias_only(g, t);
+    case Strategy::kFloat32Copies:
+      return forward_float32_copies(kernels, settings, g, t);
+    case Strategy::kGlobal:
+      return forward_global(kernels.global, g, t);
+    case Strategy::kImplicitGemm:
+      return forward_implicit_gemm(kernels.local, settings, g, t);
+    case Strategy::kColumns:
+      return forward_columns(kernels.local, settings, g, t);
+  }
+  TORCH_INTERNAL_ASSERT(false, "deform_kernel_conv2d: no forward for the strategy");
+}
+
+Gradients run_backward(const DeviceKernels& kernels, const DriverSettings& settings,
+                       const DeformKernelGeometry& g, const Operands& t,
+                       const Tensor& grad_output, const WantedGradients& wanted) {
+  switch (select_strategy(kernels, settings, g, t, Pass::kBackward)) {
+    case Strategy::kBiasOnly:
+      return backward_bias_only(t, wanted);
+    case Strategy::kFloat32Copies:
+      return backward_float32_copies(kernels, settings, g, t, grad_output, wanted);
+    case Strategy::kGlobal:
+      return backward_global(kernels.global, g, t, grad_output, wanted);
+    case Strategy::kImplicitGemm:
+      return backward_implicit_gemm(kernels.local, settings, g, t, grad_output, wanted);
+    case Strategy::kColumns:
+      return backward_columns(kernels.local, settings, g, t, grad_output, wanted);
+  }
+  TORCH_INTERNAL_ASSERT(false, "deform_kernel_conv2d_backward: no backward for the strategy");
 }
 
 }  // namespace
@@ -246,55 +587,11 @@ Tensor deform_kernel_conv2d_forward(
   const auto g = check_deform_kernel_conv2d_args(input, weight, kernel_offset, data_offset, mask,
                                                  bias, kernel_size, stride, padding, dilation,
                                                  groups, kernel_offset_groups, deform_groups);
-  // Read before any path is taken, so that a wrong value raises whichever path runs.
-  const bool implicit_gemm =
-      implicit_gemm_requested() && kernels.local.implicit_gemm_forward != nullptr;
-  if (is_reduced_precision(input) && !kernels.take_reduced_precision) {  // in float32
-    return deform_kernel_conv2d_forward(kernels, input.to(at::kFloat), weight.to(at::kFloat),
-                                        kernel_offset.to(at::kFloat), to_float(data_offset),
-                                        to_float(mask), to_float(bias), kernel_size, stride,
-                                        padding, dilation, groups, kernel_offset_groups,
-                                        deform_groups)
-        .to(input.scalar_type());
-  }
-  if (g.batch == 0) return at::empty({0, g.out_channels, g.out_h, g.out_w}, input.options());
-  if (uses_global_path(g, data_offset, mask)) {
-    return global_forward(kernels.global, g, input.contiguous(), weight.contiguous(),
-                          kernel_offset.contiguous(), contiguous(bias));
-  }
-  auto chunk = whole_batch(g, input, kernel_offset, data_offset, mask);
-  const int64_t columns = g.batch * g.positions();
-  auto out_rows = at::empty({columns, g.out_channels}, input.options());
-  if (implicit_gemm) {
-    const auto contiguous_weight = weight.contiguous();
-    for_each_implicit_gemm_chunk(chunk, columns, [&] {
-      auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
-      RECORD_FUNCTION("dk_ops::implicit_gemm_forward", std::vector<c10::IValue>());
-      kernels.local.implicit_gemm_forward(chunk, contiguous_weight, out_chunk);
-    });
-  } else {
-    const auto weight_rows = weight_cells_last(g, weight);
-    const int64_t step = columns_per_chunk(g, input);
-    auto z =
-        at::empty({std::min(step, columns), g.scope_cells() * g.in_channels}, input.options());
-    for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
-      chunk.count = std::min(step, columns - chunk.first);
-      auto z_chunk = z.narrow(0, 0, chunk.count);
-      scatter_scope_columns(kernels.local, chunk, z_chunk);
-      const auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
-      for (int64_t group = 0; group < g.groups; ++group) {
-        auto out_part = group_part(out_chunk, 1, g.groups, group);
-        at::mm_out(out_part, group_part(z_chunk, 1, g.groups, group),
-                   group_part(weight_rows, 0, g.groups, group).t());
-      }
-    }
-  }
-  auto output = from_rows(out_rows, g);
-  if (bias) output.add_(bias->view({1, -1, 1, 1}));
-  return output;
+  return run_forward(kernels, read_settings(), g,
+                     {input, weight, kernel_offset, data_offset, mask, bias});
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward(
+Gradients deform_kernel_conv2d_backward(
     const DeviceKernels& kernels, const Tensor& grad_output, const Tensor& input,
     const Tensor& weight, const Tensor& kernel_offset, const OptionalTensor& data_offset,
     const OptionalTensor& mask, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -303,123 +600,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> deform_kernel_conv2d_backward
   const auto g = check_deform_kernel_conv2d_backward_args(
       grad_output, input, weight, kernel_offset, data_offset, mask, kernel_size, stride, padding,
       dilation, groups, kernel_offset_groups, deform_groups);
-  // Read before any path is taken, as in the forward.
-  const bool implicit_gemm =
-      implicit_gemm_requested() && kernels.local.implicit_gemm_weight_grad != nullptr;
-  if (is_reduced_precision(input) && !kernels.take_reduced_precision) {  // in float32
-    auto grads = deform_kernel_conv2d_backward(
-        kernels, grad_output.to(at::kFloat), input.to(at::kFloat), weight.to(at::kFloat),
-        kernel_offset.to(at::kFloat), to_float(data_offset), to_float(mask), kernel_size, stride,
-        padding, dilation, groups, kernel_offset_groups, deform_groups, output_mask);
-    const auto dtype = input.scalar_type();
-    return {std::get<0>(grads).to(dtype), std::get<1>(grads).to(dtype),
-            std::get<2>(grads).to(dtype), std::get<3>(grads).to(dtype),
-            std::get<4>(grads).to(dtype)};
-  }
-  const bool need_input = output_mask[0], need_weight = output_mask[1];
-  const bool need_kernel_offset = output_mask[2];
-  const bool need_data_offset = output_mask[3] && data_offset.has_value();
-  const bool need_mask = output_mask[4] && mask.has_value();
-  // Outputs of an op must not alias each other, so every unwanted gradient is its own
-  // empty tensor; wanted ones are contiguous, as the fake kernel promises.
-  auto empty = [&] { return at::empty({0}, input.options()); };
-  auto result = [&](bool needed, const Tensor& grad, const Tensor& like) {
-    if (!needed) return empty();
-    return grad.defined() ? grad.contiguous() : at::zeros_like(like, at::MemoryFormat::Contiguous);
-  };
-  if (g.batch == 0) {
-    return {result(need_input, Tensor(), input), result(need_weight, Tensor(), weight),
-            result(need_kernel_offset, Tensor(), kernel_offset),
-            need_data_offset ? result(true, Tensor(), *data_offset) : empty(),
-            need_mask ? result(true, Tensor(), *mask) : empty()};
-  }
-  if (uses_global_path(g, data_offset, mask)) {
-    auto grads = global_backward(kernels.global, g, grad_output.contiguous(), input.contiguous(),
-                                 weight.contiguous(), kernel_offset.contiguous(),
-                                 {need_input, need_weight, need_kernel_offset});
-    return {result(need_input, grads[0], input), result(need_weight, grads[1], weight),
-            result(need_kernel_offset, grads[2], kernel_offset), empty(), empty()};
-  }
-
-  auto chunk = whole_batch(g, input, kernel_offset, data_offset, mask);
-  const auto weight_rows = weight_cells_last(g, weight);
-  const auto grad_out_rows = to_rows(grad_output);
-  const int64_t columns = g.batch * g.positions(), step = columns_per_chunk(g, input);
-  const int64_t z_width = g.scope_cells() * g.in_channels;
-  const bool need_z_grad = need_input || need_kernel_offset || need_data_offset || need_mask;
-
-  // Gradients summed over chunks (and, by gather_input_grad, over taps) accumulate in float32
-  // for half / bfloat16.
-  const auto accumulate_type = sum_dtype(input);
-  // grad W'^T of each group, (groups, S*C_in/g, C_out/g): Z^T @ gO ran 15-20% faster than the
-  // transposed product gO^T @ Z in MKL (2-core EPYC, c3 scope 4 chunks: 150 vs 125 GFLOP/s).
-  Tensor grad_weight_cols =
-      need_weight ? at::zeros({g.groups, weight_rows.size(1), g.out_channels / g.groups},
-                              weight_rows.options().dtype(accumulate_type))
-                  : Tensor();
-  Tensor grad_input_cl = need_input ? at::zeros_like(chunk.input, accumulate_type) : Tensor();
-  Tensor grad_kernel_columns = need_kernel_offset ? at::zeros_like(chunk.kernel_offset) : Tensor();
-  Tensor grad_data_columns = need_data_offset ? at::zeros_like(chunk.data_offset) : Tensor();
-  Tensor grad_mask_columns = need_mask ? at::zeros_like(chunk.mask) : Tensor();
-  // The implicit GEMM takes the weight gradient without Z; the chunks below then only carry
-  // grad Z to the other gradients.
-  const bool scatter_z = need_weight && !implicit_gemm;
-  if (need_weight && implicit_gemm) {
-    for_each_implicit_gemm_chunk(chunk, columns, [&] {
-      const auto grad_out_chunk = grad_out_rows.narrow(0, chunk.first, chunk.count);
-      RECORD_FUNCTION("dk_ops::implicit_gemm_weight_grad", std::vector<c10::IValue>());
-      kernels.local.implicit_gemm_weight_grad(chunk, grad_out_chunk, grad_weight_cols);
-    });
-  }
-  const int64_t chunk_rows = std::min(step, columns);
-  auto z = scatter_z ? at::empty({chunk_rows, z_width}, input.options()) : Tensor();
-  auto grad_z = need_z_grad ? at::empty({chunk_rows, z_width}, input.options()) : Tensor();
-
-  for (chunk.first = 0; chunk.first < columns; chunk.first += step) {
-    chunk.count = std::min(step, columns - chunk.first);
-    const auto grad_out_chunk = grad_out_rows.narrow(0, chunk.first, chunk.count);
-    if (scatter_z) {
-      auto z_chunk = z.narrow(0, 0, chunk.count);
-      scatter_scope_columns(kernels.local, chunk, z_chunk);
-      for (int64_t group = 0; group < g.groups; ++group) {
-        add_product(grad_weight_cols[group], group_part(z_chunk, 1, g.groups, group).t(),
-                    group_part(grad_out_chunk, 1, g.groups, group));
-      }
-    }
-    if (!need_z_grad) continue;
-    auto grad_z_chunk = grad_z.narrow(0, 0, chunk.count);
-    for (int64_t group = 0; group < g.groups; ++group) {
-      auto grad_z_part = group_part(grad_z_chunk, 1, g.groups, group);
-      at::mm_out(grad_z_part, group_part(grad_out_chunk, 1, g.groups, group),
-                 group_part(weight_rows, 0, g.groups, group));
-    }
-    if (need_input) gather_input_grad(kernels.local, chunk, grad_z_chunk, grad_input_cl);
-    if (need_kernel_offset || need_data_offset || need_mask) {
-      offset_and_mask_grads(kernels.local, chunk, grad_z_chunk, grad_kernel_columns,
-                            grad_data_columns, grad_mask_columns);
-    }
-  }
-
-  const auto dtype = input.scalar_type();  // .to(dtype) is a no-op unless accumulated in float32
-  Tensor grad_input =
-      need_input ? grad_input_cl.permute({0, 3, 1, 2}).contiguous().to(dtype) : Tensor();
-  Tensor grad_weight;
-  if (need_weight) {
-    grad_weight = grad_weight_cols.transpose(1, 2)
-                      .reshape({g.out_channels, g.scope_cells(), -1})
-                      .transpose(1, 2)
-                      .reshape(weight.sizes())
-                      .to(dtype);
-  }
-  Tensor grad_kernel_offset;
-  if (need_kernel_offset) {
-    grad_kernel_offset = from_columns(grad_kernel_columns, g);
-    if (g.global_kernel_offset) grad_kernel_offset = grad_kernel_offset.sum({2, 3});
-  }
-  return {result(need_input, grad_input, input), result(need_weight, grad_weight, weight),
-          result(need_kernel_offset, grad_kernel_offset, kernel_offset),
-          need_data_offset ? from_columns(grad_data_columns, g) : empty(),
-          need_mask ? from_columns(grad_mask_columns, g) : empty()};
+  const WantedGradients wanted{output_mask[0], output_mask[1], output_mask[2],
+                               output_mask[3] && data_offset.has_value(),
+                               output_mask[4] && mask.has_value()};
+  return run_backward(kernels, read_settings(), g,
+                      {input, weight, kernel_offset, data_offset, mask, std::nullopt},
+                      grad_output, wanted);
 }
 
 }  // namespace dk_ops

@@ -55,10 +55,10 @@ DK_HOST_DEVICE void for_each_corner(const BilinearPoint<T>& p, int64_t height, i
 }
 
 // On a rigid data grid, the output coordinate whose tap at `tap_offset` (i * dilation) reads
-// input coordinate `at`, i.e. at = out * stride - pad + tap_offset; -1 where none does.
-DK_HOST_DEVICE int64_t rigid_reader(int64_t at, int64_t tap_offset, int64_t stride, int64_t pad,
-                                    int64_t out_size) {
-  const int64_t steps = at + pad - tap_offset;
+// input coordinate `input`, i.e. input = out * stride - pad + tap_offset; -1 where none does.
+DK_HOST_DEVICE int64_t output_that_reads(int64_t input, int64_t tap_offset, int64_t stride,
+                                         int64_t pad, int64_t out_size) {
+  const int64_t steps = input + pad - tap_offset;
   if (stride == 1) return steps >= 0 && steps < out_size ? steps : -1;  // no division
   if (steps < 0 || steps % stride != 0) return -1;
   return steps / stride < out_size ? steps / stride : -1;

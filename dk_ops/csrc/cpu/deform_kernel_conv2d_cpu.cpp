@@ -296,8 +296,8 @@ DK_VECTOR_CLONES void gather_rigid_pixels(const Sampler<T>& s, const std::vector
     for (int64_t x = x_begin; x < x_end; ++x) {
       T* gx = grad_input + (row * g.width + x) * g.in_channels;
       for (int64_t tap = 0; tap < g.taps(); ++tap) {
-        const int64_t out_y = rigid_reader(y, s.tap_dy[tap], g.stride_h, g.pad_h, g.out_h);
-        const int64_t out_x = rigid_reader(x, s.tap_dx[tap], g.stride_w, g.pad_w, g.out_w);
+        const int64_t out_y = output_that_reads(y, s.tap_dy[tap], g.stride_h, g.pad_h, g.out_h);
+        const int64_t out_x = output_that_reads(x, s.tap_dx[tap], g.stride_w, g.pad_w, g.out_w);
         if (out_y < 0 || out_x < 0) continue;
         const int64_t col = n * g.positions() + out_y * g.out_w + out_x;
         if (col < first || col >= first + count) continue;  // a column of another chunk
@@ -448,14 +448,16 @@ void offset_and_mask_grads(const ColumnChunk& chunk, const Tensor& grad_z,
 
 // The scope corners of every (image, kernel offset group, tap), found once for all entries.
 template <typename T>
-std::vector<Corners<T>> global_corners(const GlobalGeometry& gg, const Tensor& kernel_offset) {
+std::vector<Corners<T>> global_corners(const GlobalGeometry& geometry,
+                                       const Tensor& kernel_offset) {
   const T* offset = kernel_offset.data_ptr<T>();
   std::vector<Corners<T>> corners;
-  corners.reserve(gg.batch * gg.kernel_groups * gg.taps);
-  for (int64_t n = 0; n < gg.batch; ++n) {
-    for (int64_t kg = 0; kg < gg.kernel_groups; ++kg) {
-      for (int64_t tap = 0; tap < gg.taps; ++tap) {
-        corners.push_back(corners_of(gg.point<T>(offset, n, kg, tap), gg.scope_h, gg.scope_w));
+  corners.reserve(geometry.batch * geometry.kernel_groups * geometry.taps);
+  for (int64_t n = 0; n < geometry.batch; ++n) {
+    for (int64_t kg = 0; kg < geometry.kernel_groups; ++kg) {
+      for (int64_t tap = 0; tap < geometry.taps; ++tap) {
+        corners.push_back(
+            corners_of(geometry.point<T>(offset, n, kg, tap), geometry.scope_h, geometry.scope_w));
       }
     }
   }
@@ -465,21 +467,22 @@ std::vector<Corners<T>> global_corners(const GlobalGeometry& gg, const Tensor& k
 template <typename T>
 void sample_global_filters_impl(const DeformKernelGeometry& g, const Tensor& weight,
                                 const Tensor& kernel_offset, Tensor& filters) {
-  const auto gg = GlobalGeometry::of(g);
-  const auto corners = global_corners<T>(gg, kernel_offset);
+  const auto geometry = GlobalGeometry::of(g);
+  const auto corners = global_corners<T>(geometry, kernel_offset);
   const T* scope = weight.data_ptr<T>();
   T* out = filters.data_ptr<T>();
-  at::parallel_for(0, gg.batch * gg.entries, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, geometry.batch * geometry.entries, 64, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / gg.entries, entry = item % gg.entries;
-      const T* cells = scope + entry * gg.cells;
-      const int64_t kernel_group = gg.kernel_group_of(entry);
-      const auto* tap_corners = &corners[(n * gg.kernel_groups + kernel_group) * gg.taps];
-      for (int64_t tap = 0; tap < gg.taps; ++tap) {
+      const int64_t n = item / geometry.entries, entry = item % geometry.entries;
+      const T* cells = scope + entry * geometry.cells;
+      const int64_t kernel_group = geometry.kernel_group_of(entry);
+      const auto* tap_corners =
+          &corners[(n * geometry.kernel_groups + kernel_group) * geometry.taps];
+      for (int64_t tap = 0; tap < geometry.taps; ++tap) {
         const auto& c = tap_corners[tap];
         T value = 0;
         for (int k = 0; k < c.count; ++k) value += c.weight[k] * cells[c.index[k]];
-        out[item * gg.taps + tap] = value;
+        out[item * geometry.taps + tap] = value;
       }
     }
   });
@@ -488,19 +491,19 @@ void sample_global_filters_impl(const DeformKernelGeometry& g, const Tensor& wei
 template <typename T>
 void global_weight_grad_impl(const DeformKernelGeometry& g, const Tensor& grad_filters,
                              const Tensor& kernel_offset, Tensor& grad_weight) {
-  const auto gg = GlobalGeometry::of(g);
-  const auto corners = global_corners<T>(gg, kernel_offset);
+  const auto geometry = GlobalGeometry::of(g);
+  const auto corners = global_corners<T>(geometry, kernel_offset);
   const T* grad = grad_filters.data_ptr<T>();
   T* out = grad_weight.data_ptr<T>();
-  at::parallel_for(0, gg.entries, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, geometry.entries, 16, [&](int64_t begin, int64_t end) {
     for (int64_t entry = begin; entry < end; ++entry) {
-      T* cells = out + entry * gg.cells;
-      std::fill(cells, cells + gg.cells, T(0));
-      const int64_t kg = gg.kernel_group_of(entry);
-      for (int64_t n = 0; n < gg.batch; ++n) {
-        const T* grad_taps = grad + (n * gg.entries + entry) * gg.taps;
-        const auto* tap_corners = &corners[(n * gg.kernel_groups + kg) * gg.taps];
-        for (int64_t tap = 0; tap < gg.taps; ++tap) {
+      T* cells = out + entry * geometry.cells;
+      std::fill(cells, cells + geometry.cells, T(0));
+      const int64_t kg = geometry.kernel_group_of(entry);
+      for (int64_t n = 0; n < geometry.batch; ++n) {
+        const T* grad_taps = grad + (n * geometry.entries + entry) * geometry.taps;
+        const auto* tap_corners = &corners[(n * geometry.kernel_groups + kg) * geometry.taps];
+        for (int64_t tap = 0; tap < geometry.taps; ++tap) {
           const auto& c = tap_corners[tap];
           for (int k = 0; k < c.count; ++k) cells[c.index[k]] += c.weight[k] * grad_taps[tap];
         }
@@ -515,22 +518,22 @@ template <typename T>
 void global_offset_grad_impl(const DeformKernelGeometry& g, const Tensor& grad_filters,
                              const Tensor& weight, const Tensor& kernel_offset,
                              Tensor& grad_kernel_offset) {
-  const auto gg = GlobalGeometry::of(g);
-  const auto corners = global_corners<T>(gg, kernel_offset);
+  const auto geometry = GlobalGeometry::of(g);
+  const auto corners = global_corners<T>(geometry, kernel_offset);
   const T* grad = grad_filters.data_ptr<T>();
   const T* scope = weight.data_ptr<T>();
   T* out = grad_kernel_offset.data_ptr<T>();
-  at::parallel_for(0, gg.batch * gg.kernel_groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> sums(2 * gg.taps);
+  at::parallel_for(0, geometry.batch * geometry.kernel_groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> sums(2 * geometry.taps);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / gg.kernel_groups, kg = item % gg.kernel_groups;
-      const auto* tap_corners = &corners[item * gg.taps];
+      const int64_t n = item / geometry.kernel_groups, kg = item % geometry.kernel_groups;
+      const auto* tap_corners = &corners[item * geometry.taps];
       std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t k = 0; k < gg.entries_per_kernel_group(); ++k) {
-        const int64_t entry = gg.entry_of_kernel_group(kg, k);
-        const T* cells = scope + entry * gg.cells;
-        const T* grad_taps = grad + (n * gg.entries + entry) * gg.taps;
-        for (int64_t tap = 0; tap < gg.taps; ++tap) {
+      for (int64_t k = 0; k < geometry.entries_per_kernel_group(); ++k) {
+        const int64_t entry = geometry.entry_of_kernel_group(kg, k);
+        const T* cells = scope + entry * geometry.cells;
+        const T* grad_taps = grad + (n * geometry.entries + entry) * geometry.taps;
+        for (int64_t tap = 0; tap < geometry.taps; ++tap) {
           const auto& c = tap_corners[tap];
           double along_y = 0, along_x = 0;
           for (int i = 0; i < c.count; ++i) {
@@ -541,7 +544,7 @@ void global_offset_grad_impl(const DeformKernelGeometry& g, const Tensor& grad_f
           sums[2 * tap + 1] += along_x * grad_taps[tap];
         }
       }
-      std::copy(sums.begin(), sums.end(), out + item * 2 * gg.taps);
+      std::copy(sums.begin(), sums.end(), out + item * 2 * geometry.taps);
     }
   });
 }
@@ -571,7 +574,7 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
 constexpr DeviceKernels kCpuKernels{
     {scatter_scope_columns, gather_input_grad, offset_and_mask_grads},
     {sample_global_filters, global_weight_grad, global_offset_grad},
-    /*take_reduced_precision=*/false};
+    /*takes_half_and_bfloat16=*/false};
 
 at::Tensor forward_cpu(const Tensor& input, const Tensor& weight, const Tensor& kernel_offset,
                        const std::optional<Tensor>& data_offset, const std::optional<Tensor>& mask,

@@ -14,23 +14,13 @@
 //   implicit GEMM       opt-in forward and weight gradient (implicit_gemm.cuh): a block per
 //                       tile of the product, sampling its Z tiles into shared memory
 // half and bfloat16 are read and written as such; every sum runs in float32 (opmath).
-// The tests also run this file on a CPU, compiled for host threads (host_emulation.h).
+// launch.cuh has the launches and the threads' indices, column_view.cuh the chunk as the kernels
+// see it. The tests also run this file on a CPU, as emulated CUDA (../emulated_cuda/).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
-
-#ifdef DK_HOST_EMULATION  // compiled for host threads, for the tests (see host_emulation.h)
-#include "host_emulation.h"
-#else
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-// Every launch goes through this macro, which host_emulation.h defines as a loop over threads.
-#define DK_LAUNCH(kernel, blocks, threads, stream) kernel<<<blocks, threads, 0, stream>>>
-#endif
 
 #include <algorithm>
 #include <utility>
@@ -38,195 +28,18 @@
 #include "../deform_kernel_conv2d.h"
 #include "../global_kernel.h"
 #include "../sampling.h"
+#include "column_view.cuh"
+#include "implicit_gemm.cuh"
+#include "launch.cuh"
 
-namespace dk_ops {
+namespace dk_ops::cuda_kernels {
 namespace {
 
 using at::Tensor;
 
-constexpr int kThreadsPerBlock = 256;
-constexpr int kWarpSize = 32;
-constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // the loops below stride over the rest
 // Scope cells whose sums one thread keeps in registers / local memory at a time:
 // one pass for the default 4 x 4 scope of a 3 x 3 kernel.
 constexpr int kCellsPerPass = 16;
-
-// How many tiles of `tile` cover `size` (the kernels' and their launchers' tile counts).
-DK_HOST_DEVICE int64_t tiles_of(int64_t size, int64_t tile) { return (size + tile - 1) / tile; }
-
-// At least one block (an empty grid is a launch error; with no work its threads just exit).
-int64_t blocks_for(int64_t threads) {
-  return std::clamp<int64_t>(tiles_of(threads, kThreadsPerBlock), 1, kMaxBlocks);
-}
-
-__device__ int64_t first_thread() { return blockIdx.x * int64_t{blockDim.x} + threadIdx.x; }
-__device__ int64_t thread_stride() { return int64_t{gridDim.x} * blockDim.x; }
-
-// Sum over the 32 lanes of a warp (all of them must call it); the result is in lane 0.
-template <typename T>
-__device__ T warp_sum(T value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value += __shfl_down_sync(0xffffffffu, value, offset);
-  }
-  return value;
-}
-
-// An input channel and the groups it belongs to.
-struct Channel {
-  int64_t index, group, in_group, kernel_group, deform_group;
-};
-
-// One column of the chunk: its global and chunk-local indices, the offset of its image in
-// the channels-last input and the rigid-grid input coordinate of tap (0, 0).
-struct Column {
-  int64_t global, local, image, y, x;
-};
-
-// The chunk as the kernels see it: raw pointers and the geometry, passed by value.
-template <typename scalar_t>
-struct ColumnView {
-  using acc_t = at::opmath_type<scalar_t>;
-
-  const scalar_t* input;          // (N, H, W, C_in)
-  const scalar_t* kernel_offset;  // (2*Gk*taps, N*L)
-  const scalar_t* data_offset;    // (2*Gd*taps, N*L), null: rigid data grid
-  const scalar_t* mask;           // (Gd*taps, N*L), null: no modulation
-  int64_t first, count, all_columns;
-  int64_t channels, height, width, out_h, out_w, positions;
-  int64_t scope_h, scope_w, cells;
-  int64_t kernel_h, kernel_w, taps;
-  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
-  int64_t group_channels, kernel_group_channels, deform_group_channels;
-  int64_t kernel_groups, deform_groups;
-  acc_t origin_h, origin_w;  // scope coordinate of tap (0, 0) with zero offset
-
-  explicit ColumnView(const ColumnChunk& chunk) {
-    const auto& g = chunk.g;
-    input = chunk.input.data_ptr<scalar_t>();
-    kernel_offset = chunk.kernel_offset.data_ptr<scalar_t>();
-    data_offset = chunk.data_offset.defined() ? chunk.data_offset.data_ptr<scalar_t>() : nullptr;
-    mask = chunk.mask.defined() ? chunk.mask.data_ptr<scalar_t>() : nullptr;
-    first = chunk.first;
-    count = chunk.count;
-    all_columns = chunk.kernel_offset.size(1);
-    channels = g.in_channels;
-    height = g.height;
-    width = g.width;
-    out_h = g.out_h;
-    out_w = g.out_w;
-    positions = g.positions();
-    scope_h = g.scope_h;
-    scope_w = g.scope_w;
-    cells = g.scope_cells();
-    kernel_h = g.kernel_h;
-    kernel_w = g.kernel_w;
-    taps = g.taps();
-    stride_h = g.stride_h;
-    stride_w = g.stride_w;
-    pad_h = g.pad_h;
-    pad_w = g.pad_w;
-    dilation_h = g.dilation_h;
-    dilation_w = g.dilation_w;
-    group_channels = g.in_channels / g.groups;
-    kernel_group_channels = g.in_channels / g.kernel_offset_groups;
-    deform_group_channels = g.in_channels / g.deform_groups;
-    kernel_groups = g.kernel_offset_groups;
-    deform_groups = g.deform_groups;
-    origin_h = static_cast<acc_t>(g.scope_origin_h());
-    origin_w = static_cast<acc_t>(g.scope_origin_w());
-  }
-
-  __device__ Channel channel(int64_t c) const {
-    return {c, c / group_channels, c % group_channels, c / kernel_group_channels,
-            c / deform_group_channels};
-  }
-
-  __device__ Column column(int64_t local) const {
-    const int64_t global = first + local, position = global % positions;
-    return {global, local, (global / positions) * height * width * channels,
-            (position / out_w) * stride_h - pad_h, (position % out_w) * stride_w - pad_w};
-  }
-
-  // Index of (scope cell, channel) inside a row of Z.
-  __device__ int64_t z_index(const Channel& ch, int64_t cell) const {
-    return (ch.group * cells + cell) * group_channels + ch.in_group;
-  }
-
-  // Where `tap` of kernel offset group `kernel_group` samples the scope at global column `col`.
-  __device__ BilinearPoint<acc_t> scope_point(int64_t kernel_group, int64_t tap,
-                                              int64_t col) const {
-    const scalar_t* dy = kernel_offset + 2 * (kernel_group * taps + tap) * all_columns + col;
-    const acc_t y = origin_h + acc_t(tap / kernel_w) + static_cast<acc_t>(dy[0]);
-    const acc_t x = origin_w + acc_t(tap % kernel_w) + static_cast<acc_t>(dy[all_columns]);
-    return locate<acc_t>(y, x, scope_h, scope_w);
-  }
-
-  // Where `tap` of deform group `deform_group` samples the input at the column. On a rigid
-  // grid the point is a whole pixel (see for_each_data_corner).
-  __device__ BilinearPoint<acc_t> data_point(int64_t deform_group, int64_t tap,
-                                             const Column& col) const {
-    const acc_t y = acc_t(col.y + (tap / kernel_w) * dilation_h);
-    const acc_t x = acc_t(col.x + (tap % kernel_w) * dilation_w);
-    if (data_offset == nullptr) return locate<acc_t>(y, x, height, width);
-    const scalar_t* dy = data_offset + 2 * (deform_group * taps + tap) * all_columns + col.global;
-    return locate<acc_t>(y + static_cast<acc_t>(dy[0]), x + static_cast<acc_t>(dy[all_columns]),
-                         height, width);
-  }
-
-  // for_each_corner on the input plane; on a rigid grid only the pixel itself (weight 1),
-  // so its zero-weight neighbours are not read.
-  template <typename Visit>
-  __device__ void for_each_data_corner(const BilinearPoint<acc_t>& point, Visit&& visit) const {
-    if (data_offset != nullptr) {
-      for_each_corner(point, height, width, visit);
-    } else if (point.inside) {
-      visit(point.y0, point.x0, acc_t(1), acc_t(0), acc_t(0));
-    }
-  }
-
-  __device__ acc_t modulation(int64_t deform_group, int64_t tap, int64_t col) const {
-    if (mask == nullptr) return acc_t(1);
-    return static_cast<acc_t>(mask[(deform_group * taps + tap) * all_columns + col]);
-  }
-
-  // X(p) of one channel: bilinear sample of the input plane.
-  __device__ acc_t sample(const BilinearPoint<acc_t>& point, const Column& col,
-                          const Channel& ch) const {
-    acc_t value = 0;
-    for_each_data_corner(point, [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
-      value +=
-          weight * static_cast<acc_t>(input[col.image + (y * width + x) * channels + ch.index]);
-    });
-    return value;
-  }
-};
-
-// Adds to sums[cell - pass_begin], for the scope cells [pass_begin, pass_end) of one
-// (column, channel), Z[col, cell, c] = sum over taps of B_cell(q) * m * X_c(p); X is sampled
-// only for the taps with a corner in the pass. Shared by the scope-column kernel and the
-// implicit GEMM (implicit_gemm.cuh).
-template <typename scalar_t>
-__device__ void add_scope_pass(const ColumnView<scalar_t>& v, const Column& col,
-                               const Channel& ch, int64_t pass_begin, int64_t pass_end,
-                               at::opmath_type<scalar_t>* sums) {
-  using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t tap = 0; tap < v.taps; ++tap) {
-    const auto scope = v.scope_point(ch.kernel_group, tap, col.global);
-    bool sampled = false;
-    acc_t value = 0;  // m * X(p), sampled once a corner of this pass needs it
-    for_each_corner(scope, v.scope_h, v.scope_w,
-                    [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
-                      const int64_t cell = y * v.scope_w + x;
-                      if (cell < pass_begin || cell >= pass_end) return;
-                      if (!sampled) {
-                        value = v.modulation(ch.deform_group, tap, col.global) *
-                                v.sample(v.data_point(ch.deform_group, tap, col), col, ch);
-                        sampled = true;
-                      }
-                      sums[cell - pass_begin] += weight * value;
-                    });
-  }
-}
 
 // Z[col, cell, c]: each thread owns the S cells of one (column, channel), summed
 // kCellsPerPass cells at a time, and writes each once.
@@ -283,9 +96,9 @@ __global__ void input_grad_rigid_kernel(const __grid_constant__ ColumnView<scala
     acc_t sum = 0;
     for (int64_t tap = 0; tap < v.taps; ++tap) {
       const int64_t out_y =
-          rigid_reader(y, (tap / v.kernel_w) * v.dilation_h, v.stride_h, v.pad_h, v.out_h);
+          output_that_reads(y, (tap / v.kernel_w) * v.dilation_h, v.stride_h, v.pad_h, v.out_h);
       const int64_t out_x =
-          rigid_reader(x, (tap % v.kernel_w) * v.dilation_w, v.stride_w, v.pad_w, v.out_w);
+          output_that_reads(x, (tap % v.kernel_w) * v.dilation_w, v.stride_w, v.pad_w, v.out_w);
       if (out_y < 0 || out_x < 0) continue;
       const int64_t col = n * v.positions + out_y * v.out_w + out_x;
       if (col < v.first || col >= v.first + v.count) continue;  // a column of another chunk
@@ -488,19 +301,20 @@ void offset_and_mask_grads(const ColumnChunk& chunk, const Tensor& grad_z,
 
 // filters[n, entry, tap] = the entry's scope sampled where image n moves the tap.
 template <typename scalar_t>
-__global__ void global_filters_kernel(const __grid_constant__ GlobalGeometry gg,
+__global__ void global_filters_kernel(const __grid_constant__ GlobalGeometry geometry,
                                       const scalar_t* scope, const scalar_t* offset,
                                       scalar_t* filters) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t count = gg.batch * gg.entries * gg.taps;
+  const int64_t count = geometry.batch * geometry.entries * geometry.taps;
   for (int64_t index = first_thread(); index < count; index += thread_stride()) {
-    const int64_t tap = index % gg.taps, entry = (index / gg.taps) % gg.entries;
-    const int64_t n = index / (gg.taps * gg.entries);
-    const scalar_t* cells = scope + entry * gg.cells;
+    const int64_t tap = index % geometry.taps, entry = (index / geometry.taps) % geometry.entries;
+    const int64_t n = index / (geometry.taps * geometry.entries);
+    const scalar_t* cells = scope + entry * geometry.cells;
     acc_t value = 0;
-    for_each_corner(gg.point<acc_t>(offset, n, gg.kernel_group_of(entry), tap), gg.scope_h,
-                    gg.scope_w, [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
-                      value += weight * static_cast<acc_t>(cells[y * gg.scope_w + x]);
+    for_each_corner(geometry.point<acc_t>(offset, n, geometry.kernel_group_of(entry), tap),
+                    geometry.scope_h, geometry.scope_w,
+                    [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
+                      value += weight * static_cast<acc_t>(cells[y * geometry.scope_w + x]);
                     });
     filters[index] = static_cast<scalar_t>(value);
   }
@@ -509,23 +323,23 @@ __global__ void global_filters_kernel(const __grid_constant__ GlobalGeometry gg,
 // grad_scope[entry, cell] = sum over images and taps of B_cell(q) * grad_filters[n, entry, tap]:
 // each thread owns one entry's cells, kCellsPerPass at a time.
 template <typename scalar_t>
-__global__ void global_weight_grad_kernel(const __grid_constant__ GlobalGeometry gg,
+__global__ void global_weight_grad_kernel(const __grid_constant__ GlobalGeometry geometry,
                                           const scalar_t* grad_filters, const scalar_t* offset,
                                           scalar_t* grad_scope) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t entry = first_thread(); entry < gg.entries; entry += thread_stride()) {
-    const int64_t kernel_group = gg.kernel_group_of(entry);
-    for (int64_t pass_begin = 0; pass_begin < gg.cells; pass_begin += kCellsPerPass) {
+  for (int64_t entry = first_thread(); entry < geometry.entries; entry += thread_stride()) {
+    const int64_t kernel_group = geometry.kernel_group_of(entry);
+    for (int64_t pass_begin = 0; pass_begin < geometry.cells; pass_begin += kCellsPerPass) {
       const int64_t pass_end =
-          pass_begin + kCellsPerPass < gg.cells ? pass_begin + kCellsPerPass : gg.cells;
+          pass_begin + kCellsPerPass < geometry.cells ? pass_begin + kCellsPerPass : geometry.cells;
       acc_t sums[kCellsPerPass] = {};
-      for (int64_t n = 0; n < gg.batch; ++n) {
-        const scalar_t* grad_taps = grad_filters + (n * gg.entries + entry) * gg.taps;
-        for (int64_t tap = 0; tap < gg.taps; ++tap) {
+      for (int64_t n = 0; n < geometry.batch; ++n) {
+        const scalar_t* grad_taps = grad_filters + (n * geometry.entries + entry) * geometry.taps;
+        for (int64_t tap = 0; tap < geometry.taps; ++tap) {
           const acc_t grad = static_cast<acc_t>(grad_taps[tap]);
-          for_each_corner(gg.point<acc_t>(offset, n, kernel_group, tap), gg.scope_h, gg.scope_w,
-                          [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
-                            const int64_t cell = y * gg.scope_w + x;
+          for_each_corner(geometry.point<acc_t>(offset, n, kernel_group, tap), geometry.scope_h,
+                          geometry.scope_w, [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
+                            const int64_t cell = y * geometry.scope_w + x;
                             if (cell >= pass_begin && cell < pass_end) {
                               sums[cell - pass_begin] += weight * grad;
                             }
@@ -533,7 +347,7 @@ __global__ void global_weight_grad_kernel(const __grid_constant__ GlobalGeometry
         }
       }
       for (int64_t cell = pass_begin; cell < pass_end; ++cell) {
-        grad_scope[entry * gg.cells + cell] = static_cast<scalar_t>(sums[cell - pass_begin]);
+        grad_scope[entry * geometry.cells + cell] = static_cast<scalar_t>(sums[cell - pass_begin]);
       }
     }
   }
@@ -546,33 +360,34 @@ constexpr int64_t kEntriesPerWarp = 8 * kWarpSize;
 // The offset gradient's partial sums, partial[chunk, n, kernel_group, tap, axis]: over a chunk of
 // the group's entries, sum_entry grad_filters[n, entry, tap] * sum_corners dB/dq * scope[cell].
 template <typename scalar_t>
-__global__ void global_offset_grad_kernel(const __grid_constant__ GlobalGeometry gg,
+__global__ void global_offset_grad_kernel(const __grid_constant__ GlobalGeometry geometry,
                                           const scalar_t* grad_filters, const scalar_t* scope,
                                           const scalar_t* offset, int64_t chunks,
                                           at::opmath_type<scalar_t>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t items = chunks * gg.batch * gg.kernel_groups;
-  const int64_t group_entries = gg.entries_per_kernel_group();
+  const int64_t items = chunks * geometry.batch * geometry.kernel_groups;
+  const int64_t group_entries = geometry.entries_per_kernel_group();
   // Every lane of a warp has the same item and taps, so the warp_sum calls are uniform.
   for (int64_t item = first_thread() / kWarpSize; item < items;
        item += thread_stride() / kWarpSize) {
-    const int64_t kernel_group = item % gg.kernel_groups;
-    const int64_t n = (item / gg.kernel_groups) % gg.batch;
-    const int64_t k_begin = (item / (gg.kernel_groups * gg.batch)) * kEntriesPerWarp;
+    const int64_t kernel_group = item % geometry.kernel_groups;
+    const int64_t n = (item / geometry.kernel_groups) % geometry.batch;
+    const int64_t k_begin = (item / (geometry.kernel_groups * geometry.batch)) * kEntriesPerWarp;
     const int64_t k_end =
         k_begin + kEntriesPerWarp < group_entries ? k_begin + kEntriesPerWarp : group_entries;
-    for (int64_t tap = 0; tap < gg.taps; ++tap) {
-      const auto point = gg.point<acc_t>(offset, n, kernel_group, tap);
+    for (int64_t tap = 0; tap < geometry.taps; ++tap) {
+      const auto point = geometry.point<acc_t>(offset, n, kernel_group, tap);
       acc_t grad_y = 0, grad_x = 0;
       for (int64_t k = k_begin + lane; k < k_end; k += kWarpSize) {
-        const int64_t entry = gg.entry_of_kernel_group(kernel_group, k);
-        const scalar_t* cells = scope + entry * gg.cells;
+        const int64_t entry = geometry.entry_of_kernel_group(kernel_group, k);
+        const scalar_t* cells = scope + entry * geometry.cells;
         const acc_t grad =
-            static_cast<acc_t>(grad_filters[(n * gg.entries + entry) * gg.taps + tap]);
-        for_each_corner(point, gg.scope_h, gg.scope_w,
+            static_cast<acc_t>(grad_filters[(n * geometry.entries + entry) * geometry.taps + tap]);
+        for_each_corner(point, geometry.scope_h, geometry.scope_w,
                         [&](int64_t y, int64_t x, acc_t, acc_t d_dy, acc_t d_dx) {
-                          const acc_t value = static_cast<acc_t>(cells[y * gg.scope_w + x]) * grad;
+                          const acc_t value =
+                              static_cast<acc_t>(cells[y * geometry.scope_w + x]) * grad;
                           grad_y += d_dy * value;
                           grad_x += d_dx * value;
                         });
@@ -580,8 +395,8 @@ __global__ void global_offset_grad_kernel(const __grid_constant__ GlobalGeometry
       grad_y = warp_sum(grad_y);
       grad_x = warp_sum(grad_x);
       if (lane == 0) {
-        partial[2 * (item * gg.taps + tap)] = grad_y;
-        partial[2 * (item * gg.taps + tap) + 1] = grad_x;
+        partial[2 * (item * geometry.taps + tap)] = grad_y;
+        partial[2 * (item * geometry.taps + tap) + 1] = grad_x;
       }
     }
   }
@@ -590,12 +405,12 @@ __global__ void global_offset_grad_kernel(const __grid_constant__ GlobalGeometry
 void sample_global_filters(const DeformKernelGeometry& g, const Tensor& weight,
                            const Tensor& kernel_offset, Tensor& filters) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto gg = GlobalGeometry::of(g);
+  const auto geometry = GlobalGeometry::of(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "dk_ops_sample_global_filters_cuda", [&] {
         DK_LAUNCH(global_filters_kernel<scalar_t>, blocks_for(filters.numel()), kThreadsPerBlock,
-                  stream)(gg, weight.data_ptr<scalar_t>(), kernel_offset.data_ptr<scalar_t>(),
-                          filters.data_ptr<scalar_t>());
+                  stream)(geometry, weight.data_ptr<scalar_t>(),
+                          kernel_offset.data_ptr<scalar_t>(), filters.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
@@ -603,12 +418,12 @@ void sample_global_filters(const DeformKernelGeometry& g, const Tensor& weight,
 void global_weight_grad(const DeformKernelGeometry& g, const Tensor& grad_filters,
                         const Tensor& kernel_offset, Tensor& grad_weight) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto gg = GlobalGeometry::of(g);
+  const auto geometry = GlobalGeometry::of(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_filters.scalar_type(), "dk_ops_global_weight_grad_cuda",
       [&] {
-        DK_LAUNCH(global_weight_grad_kernel<scalar_t>, blocks_for(gg.entries), kThreadsPerBlock,
-                  stream)(gg, grad_filters.data_ptr<scalar_t>(),
+        DK_LAUNCH(global_weight_grad_kernel<scalar_t>, blocks_for(geometry.entries),
+                  kThreadsPerBlock, stream)(geometry, grad_filters.data_ptr<scalar_t>(),
                           kernel_offset.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -618,9 +433,9 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
                         const Tensor& weight, const Tensor& kernel_offset,
                         Tensor& grad_kernel_offset) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto gg = GlobalGeometry::of(g);
+  const auto geometry = GlobalGeometry::of(g);
   const int64_t chunks =
-      std::max<int64_t>(1, tiles_of(gg.entries_per_kernel_group(), kEntriesPerWarp));
+      std::max<int64_t>(1, tiles_of(geometry.entries_per_kernel_group(), kEntriesPerWarp));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_filters.scalar_type(), "dk_ops_global_offset_grad_cuda",
       [&] {
@@ -628,9 +443,9 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
         auto partial = at::empty({chunks, grad_kernel_offset.numel()},
                                  grad_kernel_offset.options().dtype(
                                      c10::CppTypeToScalarType<acc_t>::value));
-        const int64_t warps = chunks * gg.batch * gg.kernel_groups;
+        const int64_t warps = chunks * geometry.batch * geometry.kernel_groups;
         DK_LAUNCH(global_offset_grad_kernel<scalar_t>, blocks_for(warps * kWarpSize),
-                  kThreadsPerBlock, stream)(gg, grad_filters.data_ptr<scalar_t>(),
+                  kThreadsPerBlock, stream)(geometry, grad_filters.data_ptr<scalar_t>(),
                                             weight.data_ptr<scalar_t>(),
                                             kernel_offset.data_ptr<scalar_t>(), chunks,
                                             partial.data_ptr<acc_t>());
@@ -639,13 +454,11 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
       });
 }
 
-#include "implicit_gemm.cuh"
-
 constexpr DeviceKernels kCudaKernels{
-    {scatter_scope_columns, gather_input_grad, offset_and_mask_grads, implicit_gemm_forward,
-     implicit_gemm_weight_grad},
+    {scatter_scope_columns, gather_input_grad, offset_and_mask_grads, implicit_gemm::forward,
+     implicit_gemm::weight_grad},
     {sample_global_filters, global_weight_grad, global_offset_grad},
-    /*take_reduced_precision=*/true};
+    /*takes_half_and_bfloat16=*/true};
 
 // The kernels run on the input's GPU (mixed devices are refused by the driver's checks).
 std::optional<c10::Device> device_of_input(const Tensor& input) {
@@ -677,18 +490,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
 
 }  // namespace
 
-#ifndef DK_HOST_EMULATION
+#ifndef DK_EMULATED_CUDA
 TORCH_LIBRARY_IMPL(dk_ops, CUDA, m) {
   m.impl("deform_kernel_conv2d", &forward_cuda);
   m.impl("deform_kernel_conv2d_backward", &backward_cuda);
 }
 #else
-// The host build: the same launchers, for CPU tensors, as ops of their own namespace (schemas
+// The emulated build: the same launchers, for CPU tensors, as ops of their own namespace (schemas
 // inferred from the functions), so that torch.ops.dk_ops keeps its CPU kernels.
-TORCH_LIBRARY(dk_ops_host_cuda, m) {
+TORCH_LIBRARY(dk_ops_emulated_cuda, m) {
   m.def("deform_kernel_conv2d", TORCH_FN(forward_cuda));
   m.def("deform_kernel_conv2d_backward", TORCH_FN(backward_cuda));
 }
 #endif
 
-}  // namespace dk_ops
+}  // namespace dk_ops::cuda_kernels

@@ -34,9 +34,24 @@
 // sums to a buffer of its own and the launcher adds the ranges up in a fixed order: no atomics,
 // the same result on every run.
 //
-// Included by deform_kernel_conv2d_cuda.cu inside its namespace, after ColumnView and
-// add_scope_pass, which it reuses; a file of its own so that the opt-in kernels stay apart from
-// the kernels of the default path.
+// A header of its own, so that the opt-in kernels stay apart from the default path's;
+// deform_kernel_conv2d_cuda.cu hands its launchers, forward and weight_grad, to the driver.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../deform_kernel_conv2d.h"
+#include "column_view.cuh"
+#include "launch.cuh"
+
+namespace dk_ops::cuda_kernels::implicit_gemm {
+
+using at::Tensor;
 
 // The tiles of one block. kColumns * kChannels = kThreadsPerBlock: one (column, channel) to
 // sample per thread and step. kCells: the forward's two tiles of kDepth x 64 acc_t take 32 KiB of
@@ -92,7 +107,7 @@ __device__ void sample_z_tile(const ColumnView<scalar_t>& v, int64_t group, int6
 // each __syncthreads.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    implicit_gemm_forward_kernel(const __grid_constant__ ColumnView<scalar_t> v,
+    forward_kernel(const __grid_constant__ ColumnView<scalar_t> v,
                                  const scalar_t* weight, int64_t out_channels,
                                  scalar_t* out_rows) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -164,7 +179,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // steps, so all reach each __syncthreads.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    implicit_gemm_weight_grad_kernel(const __grid_constant__ ColumnView<scalar_t> v,
+    weight_grad_kernel(const __grid_constant__ ColumnView<scalar_t> v,
                                      const scalar_t* grad_out_rows, int64_t out_channels,
                                      int64_t range_columns, int64_t ranges,
                                      at::opmath_type<scalar_t>* grad_partial) {
@@ -232,7 +247,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-void implicit_gemm_forward(const ColumnChunk& chunk, const Tensor& weight, Tensor& out_rows) {
+inline void forward(const ColumnChunk& chunk, const Tensor& weight, Tensor& out_rows) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   TORCH_INTERNAL_ASSERT(weight.is_contiguous() && out_rows.is_contiguous(),
                         "implicit_gemm_forward: weight and out_rows must be contiguous");
@@ -243,7 +258,7 @@ void implicit_gemm_forward(const ColumnChunk& chunk, const Tensor& weight, Tenso
         const int64_t tiles = tiles_of(chunk.count, Tile::kColumns) *
                               tiles_of(g.out_channels / g.groups, Tile::kOutChannels) * g.groups;
         const ColumnView<scalar_t> view(chunk);
-        DK_LAUNCH(implicit_gemm_forward_kernel<scalar_t>, std::clamp<int64_t>(tiles, 1, kMaxBlocks),
+        DK_LAUNCH(forward_kernel<scalar_t>, std::clamp<int64_t>(tiles, 1, kMaxBlocks),
                   kThreadsPerBlock, stream)(view, weight.data_ptr<scalar_t>(), g.out_channels,
                                             out_rows.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -257,8 +272,8 @@ void implicit_gemm_forward(const ColumnChunk& chunk, const Tensor& weight, Tenso
 constexpr int64_t kWeightGradBlocks = 1024;
 constexpr int64_t kMinRangeSteps = 4;
 
-void implicit_gemm_weight_grad(const ColumnChunk& chunk, const Tensor& grad_out_rows,
-                               Tensor& grad_weight_cols) {
+inline void weight_grad(const ColumnChunk& chunk, const Tensor& grad_out_rows,
+                        Tensor& grad_weight_cols) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   TORCH_INTERNAL_ASSERT(grad_out_rows.is_contiguous() && grad_weight_cols.is_contiguous(),
                         "implicit_gemm_weight_grad: grad_out_rows and grad_weight_cols must be "
@@ -277,6 +292,8 @@ void implicit_gemm_weight_grad(const ColumnChunk& chunk, const Tensor& grad_out_
         const int64_t tiles = tiles_of(group_channels, Tile::kChannels) *
                               tiles_of(g.scope_cells(), Tile::kCells) *
                               tiles_of(group_out, Tile::kOutChannels) * g.groups;
+        // The driver sends no chunk without input or output channels.
+        TORCH_INTERNAL_ASSERT(tiles > 0, "implicit_gemm_weight_grad: a product of no tiles");
         const int64_t steps = tiles_of(chunk.count, Tile::kColumns);
         const int64_t wanted_ranges = std::max<int64_t>(1, kWeightGradBlocks / tiles);
         const int64_t range_steps =
@@ -287,7 +304,7 @@ void implicit_gemm_weight_grad(const ColumnChunk& chunk, const Tensor& grad_out_
         auto partial = at::empty({ranges, g.groups, g.scope_cells() * group_channels, group_out},
                                  grad_weight_cols.options());
         const ColumnView<scalar_t> view(chunk);
-        DK_LAUNCH(implicit_gemm_weight_grad_kernel<scalar_t>,
+        DK_LAUNCH(weight_grad_kernel<scalar_t>,
                   std::clamp<int64_t>(tiles * ranges, 1, kMaxBlocks), kThreadsPerBlock, stream)(
             view, grad_out_rows.data_ptr<scalar_t>(), g.out_channels, range_columns, ranges,
             partial.data_ptr<acc_t>());
@@ -295,3 +312,5 @@ void implicit_gemm_weight_grad(const ColumnChunk& chunk, const Tensor& grad_out_
         grad_weight_cols.add_(partial.sum(0));  // ranges summed in a fixed order
       });
 }
+
+}  // namespace dk_ops::cuda_kernels::implicit_gemm

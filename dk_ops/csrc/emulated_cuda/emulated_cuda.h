@@ -1,7 +1,7 @@
 // Host stand-ins for the CUDA constructs of deform_kernel_conv2d_cuda.cu, so that the same
 // kernel source compiles with a host C++ compiler and runs on CPU tensors in `make test`.
-// Included by that file, in place of the CUDA headers, when DK_HOST_EMULATION is defined
-// (only by host_cuda/deform_kernel_conv2d_host_cuda.cpp).
+// Included by that file, in place of the CUDA headers, when DK_EMULATED_CUDA is defined
+// (only by emulated_cuda/deform_kernel_conv2d_emulated_cuda.cpp).
 //
 // What runs as on a GPU:
 //   - A launch (DK_LAUNCH) runs every thread of the grid with the blockIdx, threadIdx, blockDim
@@ -59,18 +59,18 @@
 // for launches from two OS threads at once.
 #define __shared__ static thread_local
 
-namespace dk_ops::host_emulation {
+namespace dk_ops::emulated_cuda {
 
 struct Dim3 {
   unsigned int x = 0, y = 0, z = 0;
 };
 
-}  // namespace dk_ops::host_emulation
+}  // namespace dk_ops::emulated_cuda
 
 // CUDA's built-in index variables; a launch sets them for the thread it runs.
-inline thread_local dk_ops::host_emulation::Dim3 blockIdx, threadIdx, blockDim, gridDim;
+inline thread_local dk_ops::emulated_cuda::Dim3 blockIdx, threadIdx, blockDim, gridDim;
 
-namespace dk_ops::host_emulation {
+namespace dk_ops::emulated_cuda {
 
 constexpr int kLanes = 32;
 constexpr int kMaxThreadsPerBlock = 1024;
@@ -130,7 +130,7 @@ class Block {
   void syncthreads() { wait(Thread::kAtSyncthreads); }
 
   static Block& current() {
-    TORCH_CHECK(current_ != nullptr, "host emulation: a block primitive outside a kernel launch");
+    TORCH_CHECK(current_ != nullptr, "emulated CUDA: a block primitive outside a kernel launch");
     return *current_;
   }
 
@@ -173,7 +173,7 @@ class Block {
       const int at_shuffle = count(Thread::kAtShuffle, first, first + kLanes);
       if (at_shuffle == 0) continue;
       const int warp_done = count(Thread::kDone, first, first + kLanes);
-      TORCH_CHECK(warp_done == 0, "host emulation: ", warp_done, " lanes of the warp of threads ",
+      TORCH_CHECK(warp_done == 0, "emulated CUDA: ", warp_done, " lanes of the warp of threads ",
                   first, "-", first + kLanes - 1, " of block ", blockIdx.x, " ended while ",
                   at_shuffle, " wait at __shfl_down_sync (a shuffle not every lane reaches)");
       if (at_shuffle < kLanes) continue;
@@ -185,7 +185,7 @@ class Block {
     }
     const int at_syncthreads = count(Thread::kAtSyncthreads, 0, threads_);
     if (at_syncthreads > 0) {
-      TORCH_CHECK(done == 0, "host emulation: ", done, " threads of block ", blockIdx.x,
+      TORCH_CHECK(done == 0, "emulated CUDA: ", done, " threads of block ", blockIdx.x,
                   " ended while ", at_syncthreads,
                   " wait at __syncthreads (a barrier not every thread reaches)");
       if (at_syncthreads == threads_) {
@@ -193,7 +193,7 @@ class Block {
         released = true;
       }
     }
-    TORCH_CHECK(released, "host emulation: no thread of block ", blockIdx.x, " can go on: ",
+    TORCH_CHECK(released, "emulated CUDA: no thread of block ", blockIdx.x, " can go on: ",
                 at_syncthreads, " wait at __syncthreads, the others at __shfl_down_sync with "
                 "lanes of their warp at __syncthreads");
     return true;
@@ -218,7 +218,7 @@ class Block {
 inline void run_grid(int64_t blocks, int threads_per_block, const std::function<void()>& thread) {
   TORCH_CHECK(blocks >= 1 && threads_per_block >= kLanes && threads_per_block % kLanes == 0 &&
                   threads_per_block <= kMaxThreadsPerBlock,
-              "host emulation: launch of ", blocks, " blocks of ", threads_per_block,
+              "emulated CUDA: launch of ", blocks, " blocks of ", threads_per_block,
               " threads; whole warps only, at most ", kMaxThreadsPerBlock, " threads");
   gridDim = {static_cast<unsigned int>(blocks), 1, 1};
   blockDim = {static_cast<unsigned int>(threads_per_block), 1, 1};
@@ -240,21 +240,21 @@ auto launch(void (*kernel)(Params...), int64_t blocks, int threads_per_block, St
   };
 }
 
-}  // namespace dk_ops::host_emulation
+}  // namespace dk_ops::emulated_cuda
 
 #define DK_LAUNCH(kernel, blocks, threads, stream) \
-  ::dk_ops::host_emulation::launch(kernel, blocks, threads, stream)
+  ::dk_ops::emulated_cuda::launch(kernel, blocks, threads, stream)
 
 template <typename T>
 T __shfl_down_sync(unsigned int mask, T value, unsigned int delta, int width = 32) {
-  static_assert(std::is_floating_point_v<T>, "host emulation: shuffles of float and double only");
-  TORCH_CHECK(mask == 0xffffffffu && width == dk_ops::host_emulation::kLanes,
-              "host emulation: full-warp shuffles only, got mask ", mask, " and width ", width);
+  static_assert(std::is_floating_point_v<T>, "emulated CUDA: shuffles of float and double only");
+  TORCH_CHECK(mask == 0xffffffffu && width == dk_ops::emulated_cuda::kLanes,
+              "emulated CUDA: full-warp shuffles only, got mask ", mask, " and width ", width);
   // A float travels exactly as a double.
-  return static_cast<T>(dk_ops::host_emulation::Block::current().shuffle_down(value, delta));
+  return static_cast<T>(dk_ops::emulated_cuda::Block::current().shuffle_down(value, delta));
 }
 
-inline void __syncthreads() { dk_ops::host_emulation::Block::current().syncthreads(); }
+inline void __syncthreads() { dk_ops::emulated_cuda::Block::current().syncthreads(); }
 
 template <typename T>
 T atomicAdd(T* address, T value) {
@@ -265,7 +265,7 @@ T atomicAdd(T* address, T value) {
 
 // The stream, guard and launch check of the launchers (CPU tensors need none of them).
 namespace c10::cuda {
-inline dk_ops::host_emulation::Stream getCurrentCUDAStream() { return {}; }
+inline dk_ops::emulated_cuda::Stream getCurrentCUDAStream() { return {}; }
 struct OptionalCUDAGuard {
   explicit OptionalCUDAGuard(const std::optional<c10::Device>&) {}
 };

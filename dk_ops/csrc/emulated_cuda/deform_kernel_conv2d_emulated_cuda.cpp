@@ -1,17 +1,17 @@
-// dk_ops._C_host_cuda: the CUDA kernels of cuda/deform_kernel_conv2d_cuda.cu compiled for host
-// threads (cuda/host_emulation.h), so that the tests run the GPU's kernel source on a CPU. It
-// links to dk_ops._C and calls its shared driver, as the CUDA build does. Its ops,
-// torch.ops.dk_ops_host_cuda.*, take CPU tensors; torch.ops.dk_ops is left as it is.
+// dk_ops._C_emulated_cuda: the CUDA kernels of cuda/deform_kernel_conv2d_cuda.cu compiled for
+// host threads (emulated_cuda.h), so that the tests run the GPU's kernel source on a CPU. It links
+// to dk_ops._C and calls its shared driver, as the CUDA build does. Its ops,
+// torch.ops.dk_ops_emulated_cuda.*, take CPU tensors; torch.ops.dk_ops is left as it is.
 #include <Python.h>
 
 #include <string>
 
-#define DK_HOST_EMULATION
+#define DK_EMULATED_CUDA
 #include "../cuda/deform_kernel_conv2d_cuda.cu"
 
 // Kernels that check the emulation itself (tests/test_op_cuda_implicit_gemm.py), each launched
 // as 2 blocks of 64 threads by emulation_self_test(name).
-namespace dk_ops::host_emulation {
+namespace dk_ops::emulated_cuda {
 namespace {
 
 constexpr int kSelfTestBlocks = 2, kSelfTestThreads = 64;
@@ -59,16 +59,16 @@ at::Tensor emulation_self_test(std::string kernel) {
 }
 
 }  // namespace
-}  // namespace dk_ops::host_emulation
+}  // namespace dk_ops::emulated_cuda
 
-TORCH_LIBRARY_FRAGMENT(dk_ops_host_cuda, m) {
-  m.def("emulation_self_test", TORCH_FN(dk_ops::host_emulation::emulation_self_test));
+TORCH_LIBRARY_FRAGMENT(dk_ops_emulated_cuda, m) {
+  m.def("emulation_self_test", TORCH_FN(dk_ops::emulated_cuda::emulation_self_test));
 }
 
-// `import dk_ops._C_host_cuda` loads this library (and so runs the registration of the ops);
+// `import dk_ops._C_emulated_cuda` loads this library (and so runs the registration of the ops);
 // the Python module itself is empty.
-extern "C" PyObject* PyInit__C_host_cuda(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_host_cuda", nullptr, -1,
+extern "C" PyObject* PyInit__C_emulated_cuda(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_emulated_cuda", nullptr, -1,
                                       nullptr};
   return PyModule_Create(&module);
 }
