@@ -52,9 +52,12 @@ class RigidKernelInit(Conv2d):
 class _RigidKernelView(Tensor):
     """A tensor holding a copy of the layer's zero-offset kernel that writes itself back.
 
-    Every torch function applied to it runs on the plain tensor; after an in-place one
-    (``nn.init.kaiming_normal_``, ``tensor.uniform_``, ...) the kernel is handed to the layer's
-    ``set_rigid_kernel``.
+    Every torch function applied to it runs on the plain tensor. Only one that wrote into it
+    (``nn.init.kaiming_normal_``, ``tensor.uniform_``, ``copy_``, ...) hands the kernel to the
+    layer's ``set_rigid_kernel``: a write is told by the tensor's version counter, which every
+    in-place operation bumps and no read does. A name ending in ``_`` would not do: the
+    property getters (``shape``, ``data``: ``__get__``) and ``__repr__`` end in one too, and
+    writing an unchanged kernel back replaces the scope by the minimum-norm one.
     """
 
     @staticmethod
@@ -69,12 +72,11 @@ class _RigidKernelView(Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        views = [arg for arg in (*args, *kwargs.values()) if isinstance(arg, cls)]
         with torch._C.DisableTorchFunctionSubclass():
+            versions = [view._version for view in views]
             result = func(*args, **kwargs)
-            # torch's in-place functions, nn.init's included, end with an underscore; the
-            # others (dim, size, indexing) leave the kernel as it was.
-            if getattr(func, '__name__', '').endswith('_'):
-                for arg in (*args, *kwargs.values()):
-                    if isinstance(arg, cls):
-                        arg.layer.set_rigid_kernel(arg.as_subclass(Tensor))
+            for view, version in zip(views, versions):
+                if view._version != version:
+                    view.layer.set_rigid_kernel(view.as_subclass(Tensor))
         return result
