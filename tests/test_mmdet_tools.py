@@ -252,8 +252,8 @@ def test_checkpoints_load_with_weights_only_and_untrusted_code_stays_refused(
     allowed = {f'{item.__module__}.{item.__qualname__}' for item in CHECKPOINT_SAFE_GLOBALS}
     assert 'mmengine.logging.history_buffer.HistoryBuffer' in needed
     assert needed <= allowed, needed - allowed
-    run([sys.executable, '-c', 'from dk_mmdet.checkpoints import setup_checkpoint_serialization; '
-         f'setup_checkpoint_serialization(); {load}'])
+    # Importing the package, as a config's custom_imports does, is all it takes.
+    run([sys.executable, '-c', f'import dk_mmdet; {load}'])
 
     setup_checkpoint_serialization()
     untrusted = str(tmp_path / 'untrusted.pth')

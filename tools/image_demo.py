@@ -24,7 +24,6 @@ if importlib.util.find_spec('dk_mmdet') is None:
 
 from mmengine.config import DictAction  # noqa: E402
 
-from dk_mmdet.checkpoints import setup_checkpoint_serialization  # noqa: E402
 from dk_mmdet.config_loading import load_config  # noqa: E402
 
 
@@ -61,7 +60,6 @@ def main():
             name.endswith(IMG_EXTENSIONS) for name in os.listdir(args.inputs)):
         raise FileNotFoundError(
             f'inputs: {args.inputs} holds no image file ({", ".join(IMG_EXTENSIONS)})')
-    setup_checkpoint_serialization()
     cfg = load_config(args.config, args.cfg_options)
     inferencer = DetInferencer(model=cfg, weights=args.checkpoint, device=args.device,
                                show_progress=False)

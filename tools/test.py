@@ -19,7 +19,6 @@ from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from dk_mmdet.checkpoints import setup_checkpoint_serialization  # noqa: E402
 from dk_mmdet.config_loading import load_config  # noqa: E402
 from dk_mmdet.distributed import (end_distributed_run, setup_cpu_distributed,  # noqa: E402
                                   write_test_metrics_on_main_process)
@@ -67,7 +66,6 @@ def use_test_time_augmentation(cfg) -> None:
 
 def main():
     args = parse_args()
-    setup_checkpoint_serialization()
     cfg = load_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
 

@@ -21,7 +21,6 @@ from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from dk_mmdet.checkpoints import setup_checkpoint_serialization  # noqa: E402
 from dk_mmdet.config_loading import load_config  # noqa: E402
 from dk_mmdet.distributed import (end_distributed_run,  # noqa: E402
                                   resume_or_start_from, setup_cpu_distributed)
@@ -55,7 +54,6 @@ def parse_args():
 
 def main():
     args = parse_args()
-    setup_checkpoint_serialization()
     cfg = load_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
 
