@@ -12,7 +12,6 @@ import mmdet
 import pytest
 import torch
 from mmcv.cnn import build_conv_layer
-from mmcv.ops import DeformConv2dPack
 from mmdet.registry import MODELS
 from mmdet.testing import demo_mm_inputs
 from mmengine.config import Config
@@ -21,6 +20,7 @@ from mmengine.registry import DefaultScope
 from torch import nn
 
 from dk_mmdet.layers import DKConv2d, DKDCNConv2d, DKGlobalConv2d
+from dk_mmdet.mmcv_dcn import ZeroOffsetDeformConv2dPack
 from mmdet_fixtures import CONFIG_DIR
 
 # config stem -> mmdet's config that the stem's configs change
@@ -37,7 +37,7 @@ MMDET_DCN_CONFIGS = {
 # conv tag in the file name -> class of the 3x3 conv2 of the Bottlenecks in c3-c5
 CONV2_CLASSES = {
     None: nn.Conv2d,
-    'dconv': DeformConv2dPack,
+    'dconv': ZeroOffsetDeformConv2dPack,
     'dk': DKConv2d,
     'dk-global': DKGlobalConv2d,
     'dk-dconv': DKDCNConv2d,

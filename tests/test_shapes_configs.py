@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from mmcv.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+from mmcv.ops import ModulatedDeformConv2dPack
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from torch import nn
@@ -22,7 +22,7 @@ DETECTORS = ('faster-rcnn', 'mask-rcnn')
 # variant -> the conv2 class of the Bottlenecks in stages c3-c5
 VARIANTS = {
     'r50_fpn': nn.Conv2d,
-    'r50-dconv-c3-c5_fpn': DeformConv2dPack,
+    'r50-dconv-c3-c5_fpn': dk_mmdet.ZeroOffsetDeformConv2dPack,
     'r50-mdconv-c3-c5_fpn': ModulatedDeformConv2dPack,
     'r50-dk-c3-c5_fpn': dk_mmdet.DKConv2d,
     'r50-dk-global-c3-c5_fpn': dk_mmdet.DKGlobalConv2d,
