@@ -14,21 +14,36 @@ MMCV_VERSION     := 2.1.0
 MMENGINE_VERSION := 0.10.7
 MMDET_VERSION    := 3.3.0
 
+# The lock: every package of .venv (CPU_LOCK) and of .venv-cuda (CUDA_LOCK), dependencies
+# included, at the exact version the suite last passed with. Every pip call below installs under
+# it as constraints, so a fresh machine gets the same environment; a lock that changes reinstalls
+# the venv's packages. `make lock` resolves afresh and rewrites both files, only after the suite
+# and the CUDA check pass in the new environments (docs/development.md#the-locked-environment).
+CPU_LOCK  ?= requirements/cpu.lock
+CUDA_LOCK ?= requirements/cuda.lock
+
 EXT_SOURCES := setup.py $(shell find dk_ops/csrc -type f 2>/dev/null)
 
-.PHONY: env build test demo compare cuda-check clean
+.PHONY: env build test demo compare cuda-check lock clean
 
 env: $(VENV)/.stack-installed
 
-$(VENV)/.stack-installed:
+# mmcv's setup.py imports pkg_resources and must see torch to build its ops, so it is built
+# without build isolation under setuptools 69.5.1. Then setuptools moves to what torch 2.13 asks
+# for (>= 77.0.3) and mmengine still imports at run time (pkg_resources, to find `mmdet::`
+# configs; setuptools 81 removed it), so that `pip check` passes.
+MMCV_BUILD_SETUPTOOLS := 69.5.1
+RUNTIME_SETUPTOOLS    := setuptools>=77.0.3,<81
+
+$(VENV)/.stack-installed: $(CPU_LOCK)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install "torch==$(TORCH_VERSION)" numpy
-	# mmcv's setup.py imports pkg_resources (gone from setuptools >= 70 builds we can rely on) and
-	# must see torch to build its ops, hence setuptools < 70 and no build isolation.
-	$(PIP) install "setuptools<70" wheel ninja psutil
-	$(PIP) install --no-build-isolation "mmcv==$(MMCV_VERSION)"
-	$(PIP) install "mmengine==$(MMENGINE_VERSION)" "mmdet==$(MMDET_VERSION)" pycocotools pytest \
-		scikit-learn "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.31.1"  # t-SNE, ONNX
+	$(PIP) install -c $(CPU_LOCK) "torch==$(TORCH_VERSION)" numpy wheel ninja psutil
+	$(PIP) install "setuptools==$(MMCV_BUILD_SETUPTOOLS)"
+	$(PIP) install -c $(CPU_LOCK) --no-build-isolation "mmcv==$(MMCV_VERSION)"
+	$(PIP) install -c $(CPU_LOCK) "$(RUNTIME_SETUPTOOLS)" "mmengine==$(MMENGINE_VERSION)" \
+		"mmdet==$(MMDET_VERSION)" pycocotools pytest scikit-learn "onnx==1.23.2" \
+		"onnxscript==0.7.2" "onnxruntime==1.31.1"  # t-SNE, ONNX
+	$(PIP) check
 	touch $@
 
 build: $(VENV)/.dk-built
@@ -36,7 +51,7 @@ build: $(VENV)/.dk-built
 # Editable install: `import dk_ops` / `import dk_mmdet` work from anywhere, and the extension is
 # rebuilt whenever a C++ source or setup.py changes.
 $(VENV)/.dk-built: $(VENV)/.stack-installed $(EXT_SOURCES)
-	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PIP) install --no-build-isolation --no-deps --use-pep517 -e .
 	touch $@
 
 test: build
@@ -85,18 +100,14 @@ CUDA_CHECK_DIR           := build/cuda-check
 # rather than fail inside pip with "No space left on device".
 CUDA_VENV_GB := 6
 
-$(CUDA_VENV)/.stack-installed:
+$(CUDA_VENV)/.stack-installed: $(CUDA_LOCK)
 	@free_gb=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
 	test "$$free_gb" -ge $(CUDA_VENV_GB) || { echo "cuda-check: the CUDA torch venv \
 	$(CUDA_VENV) needs about $(CUDA_VENV_GB) GB of disk, $$free_gb GB free here" >&2; exit 1; }
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python -m pip install "torch==$(CUDA_TORCH_VERSION)" ninja numpy wheel
-	touch $@
-
-# A stamp of its own, so that a CUDA venv without torchvision and pytest gets them too.
-$(CUDA_VENV)/.test-stack-installed: $(CUDA_VENV)/.stack-installed
-	$(CUDA_VENV)/bin/python -m pip install "torch==$(CUDA_TORCH_VERSION)" \
-		"torchvision==$(CUDA_TORCHVISION_VERSION)" pytest
+	$(CUDA_VENV)/bin/python -m pip install -c $(CUDA_LOCK) "torch==$(CUDA_TORCH_VERSION)" \
+		"torchvision==$(CUDA_TORCHVISION_VERSION)" ninja numpy wheel pytest
+	$(CUDA_VENV)/bin/python -m pip check
 	touch $@
 
 # `setup.py build` puts the Python packages beside the extension, so that `import dk_ops` works
@@ -104,7 +115,7 @@ $(CUDA_VENV)/.test-stack-installed: $(CUDA_VENV)/.stack-installed
 # headers included (setuptools alone looks at the .cpp and .cu files only and would skip it).
 # The test runs through bin/pytest: `python -m pytest` would put the working directory first
 # on sys.path, and with it the CPU venv's dk_ops, built for another torch.
-cuda-check: $(CUDA_VENV)/.test-stack-installed
+cuda-check: $(CUDA_VENV)/.stack-installed
 	CUDA_HOME=$(CUDA_HOME) PATH="$(CUDA_HOME)/bin:$$PATH" \
 	CPATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')" \
 	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 \
@@ -120,6 +131,25 @@ cuda-check: $(CUDA_VENV)/.test-stack-installed
 	print("cuda-check: dk_ops CUDA kernels built for sm_80, sm_90 and registered")'
 	PYTHONPATH=$(CUDA_CHECK_DIR)/lib $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider -rs \
 		tests/test_benchmark_backbone.py
+
+# Refreshes the lock: the stack resolved afresh (the pins above, nothing else) in scratch venvs,
+# `make test` and `make cuda-check` there, and only then their `pip freeze` (local version
+# labels such as +cpu dropped, so that either build of a version satisfies it) over the lock
+# files. Takes as long as two fresh set-ups plus the suite (docs/development.md).
+LOCK_VENV      := .venv-lock
+LOCK_CUDA_VENV := .venv-cuda-lock
+FREEZE         := -m pip freeze --all --exclude-editable | grep -v '^pip==' | sed -E 's/\+[A-Za-z0-9.]+$$//'
+
+lock:
+	rm -rf $(LOCK_VENV) $(LOCK_CUDA_VENV)
+	$(MAKE) test VENV=$(LOCK_VENV) CPU_LOCK=/dev/null
+	$(MAKE) cuda-check CUDA_VENV=$(LOCK_CUDA_VENV) CUDA_LOCK=/dev/null
+	mkdir -p $(dir $(CPU_LOCK)) $(dir $(CUDA_LOCK))
+	$(LOCK_VENV)/bin/python $(FREEZE) > $(CPU_LOCK)
+	$(LOCK_CUDA_VENV)/bin/python $(FREEZE) > $(CUDA_LOCK)
+	rm -rf $(LOCK_VENV) $(LOCK_CUDA_VENV)
+	# The in-place build of dk_ops belongs to $(VENV) again.
+	test ! -x $(VPY) || $(PIP) install --no-build-isolation --no-deps --use-pep517 -e .
 
 clean:
 	rm -rf build dk_ops/_C*.so *.egg-info $(VENV)/.dk-built
