@@ -6,6 +6,7 @@ import io
 import os
 import sys
 
+import pytest
 import torch
 
 from work_dir_fixtures import load_tool
@@ -60,3 +61,19 @@ def test_a_case_runs_with_its_environment(monkeypatch):
     benchmark_op.ForwardBackward(scale, x, env={'BENCHMARK_OP_TEST': 'four'})()
     assert x.grad.tolist() == [4.0, 4.0, 4.0]
     assert os.environ['BENCHMARK_OP_TEST'] == 'before'
+
+
+def test_cases_times_only_the_named_cases_beside_conv2d(monkeypatch):
+    lines = run(monkeypatch, '--shrink', '8', '--stages', 'c5', '--repeats', '1',
+                '--cases', 'DK global, scope 4')
+    names = [line.strip('|').split('|')[1].strip() for line in lines
+             if line.startswith('| (2, 64, 3, 3)')]
+    assert names == ['F.conv2d', 'DK global, scope 4']
+
+
+def test_an_unknown_case_is_refused_with_the_known_ones(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        run(monkeypatch, '--shrink', '8', '--stages', 'c5', '--cases', 'DK global')
+    error = capsys.readouterr().err
+    assert "--cases ['DK global']: no such case" in error
+    assert "'DK global, scope 4'" in error

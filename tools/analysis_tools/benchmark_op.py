@@ -12,7 +12,9 @@ and the ratios stay fair:
                                                 [--stages c3 c4 c5]
     python tools/analysis_tools/benchmark_op.py --device cuda --dtype float16 --batch 8
     python tools/analysis_tools/benchmark_op.py --shrink 8 --repeats 1   # a quick check on a CPU
+    python tools/analysis_tools/benchmark_op.py --cases 'DK global, scope 4' --batch 8
 
+--cases times only the named cases (and F.conv2d, the baseline of every ratio).
 --column-mib 64 256 adds local DK scope 4 with those column buffers (DK_OPS_MAX_COLUMN_BYTES) to
 the cases: the op's default on a GPU is 16 MiB, a guess that nobody has timed against others.
 On CUDA it also times the opt-in implicit GEMMs of local DK (DK_OPS_LOCAL_KERNELS=implicit_gemm,
@@ -167,6 +169,8 @@ def main():
                         help='let float32 GEMMs (the op\'s) use TF32, as cuDNN convs do by default')
     parser.add_argument('--column-mib', type=int, nargs='*', default=[],
                         help='also time local DK scope 4 with column buffers of these sizes')
+    parser.add_argument('--cases', nargs='+', metavar='NAME',
+                        help='time only these cases besides F.conv2d, e.g. "DK global, scope 4"')
     parser.add_argument('--shrink', type=int, default=1,
                         help='divide the channels and the size of each stage by this')
     args = parser.parse_args()
@@ -187,7 +191,15 @@ def main():
     print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d | workspace MiB | targets |')
     print('|---|---|---|---|---|---|')
     for channels, size in shapes:
-        names, steps = zip(*cases(channels, size, args.batch, device, dtype, args.column_mib))
+        named_steps = list(cases(channels, size, args.batch, device, dtype, args.column_mib))
+        if args.cases:
+            unknown = set(args.cases) - {name for name, _ in named_steps}
+            if unknown:
+                parser.error(f'--cases {sorted(unknown)}: no such case; the cases are '
+                             f'{[name for name, _ in named_steps]}')
+            named_steps = [(name, step) for name, step in named_steps
+                           if name == 'F.conv2d' or name in args.cases]
+        names, steps = zip(*named_steps)
         seconds = median_times(steps, device, args.repeats)
         workspaces = dict(zip(names, (step.workspace_bytes(device) / 2**20 for step in steps))
                           if device.type == 'cuda' else {})
