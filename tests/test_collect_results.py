@@ -135,9 +135,10 @@ def test_seeded_and_single_run_work_dirs_do_not_mix(tmp_path):
     with pytest.raises(ValueError, match='others do not'):
         collect_results.main([str(tmp_path / 'seeded'), str(tmp_path / 'single'), '--out',
                               str(tmp_path / 's.md'), '--no-complexity'])
-    with pytest.raises(ValueError, match='--baseline pairs models by seed'):
-        collect_results.main([str(tmp_path / 'single'), '--out', str(tmp_path / 's.md'),
-                              '--no-complexity', '--baseline', 'single'])
+    for seed_option in (['--baseline', 'single'], ['--runs-csv', str(tmp_path / 'r.csv')]):
+        with pytest.raises(ValueError, match='are about seeds: they need work_dirs of seed'):
+            collect_results.main([str(tmp_path / 'single'), '--out', str(tmp_path / 's.md'),
+                                  '--no-complexity', *seed_option])
 
 
 # ------------------------------------------------------------------------------------ MACs
