@@ -197,7 +197,8 @@ def box_centre(box_xyxy: Sequence[float]) -> Tuple[float, float]:
     return (x1 + x2) / 2, (y1 + y2) / 2
 
 
-def model_name(config: str) -> str:
+def config_stem(config: str) -> str:
+    """A model's default name: its config file's name without the extension."""
     return osp.splitext(osp.basename(config))[0]
 
 
@@ -217,7 +218,7 @@ def parse_model_arguments(parser, args) -> None:
         args.pairs = pair_models(args.models)
     except ValueError as error:
         parser.error(str(error))
-    args.names = args.names or [model_name(config) for config, _ in args.pairs]
+    args.names = args.names or [config_stem(config) for config, _ in args.pairs]
     if len(args.names) != len(args.pairs) or len(set(args.names)) != len(args.names):
         parser.error(f'--names needs one distinct name per model, got {args.names} for '
                      f'{len(args.pairs)} models')

@@ -33,7 +33,7 @@ import dk_ops
 from dk_mmdet.rigid_init import RigidKernelInit
 
 
-class _MMCVConv:
+class MMCVConvMixin:
     """mmcv's conv signature, option checking and rigid-weight loading for a dk_ops module.
 
     Subclasses list it before the dk_ops module so that its methods wrap the module's.
@@ -97,7 +97,7 @@ def _register(cls):
 
 
 @_register
-class DKConv2d(_MMCVConv, dk_ops.DeformKernel2d):
+class DKConv2d(MMCVConvMixin, dk_ops.DeformKernel2d):
     """Local Deformable Kernel (config ``type='DK'``)."""
 
     config_name = 'DK'
@@ -105,7 +105,7 @@ class DKConv2d(_MMCVConv, dk_ops.DeformKernel2d):
 
 
 @_register
-class DKGlobalConv2d(_MMCVConv, dk_ops.GlobalDeformKernel2d):
+class DKGlobalConv2d(MMCVConvMixin, dk_ops.GlobalDeformKernel2d):
     """Global Deformable Kernel (config ``type='DKGlobal'``)."""
 
     config_name = 'DKGlobal'
@@ -113,20 +113,20 @@ class DKGlobalConv2d(_MMCVConv, dk_ops.GlobalDeformKernel2d):
 
 
 @_register
-class DKDCNConv2d(_MMCVConv, dk_ops.DeformKernelConv2d):
+class DKDCNConv2d(MMCVConvMixin, dk_ops.DeformKernelConv2d):
     """Local Deformable Kernel with DCN data offsets (config ``type='DKDCN'``)."""
 
     config_name = 'DKDCN'
-    dk_option_names = _MMCVConv.dk_option_names + ('deform_groups',)
+    dk_option_names = MMCVConvMixin.dk_option_names + ('deform_groups',)
     fixed_options = dict(modulated=False)
     offset_generator_names = ('kernel_offset_conv', 'data_offset_conv')
 
 
 @_register
-class DKDCNv2Conv2d(_MMCVConv, dk_ops.DeformKernelConv2d):
+class DKDCNv2Conv2d(MMCVConvMixin, dk_ops.DeformKernelConv2d):
     """Local Deformable Kernel with DCNv2 data offsets and mask (config ``type='DKDCNv2'``)."""
 
     config_name = 'DKDCNv2'
-    dk_option_names = _MMCVConv.dk_option_names + ('deform_groups',)
+    dk_option_names = MMCVConvMixin.dk_option_names + ('deform_groups',)
     fixed_options = dict(modulated=True)
     offset_generator_names = ('kernel_offset_conv', 'data_offset_conv')

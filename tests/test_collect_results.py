@@ -1,5 +1,5 @@
 """tools/analysis_tools/collect_results.py (single-run tables, the command line),
-model_results.py (reading work_dirs) and model_complexity.py.
+dk_mmdet/results/work_dirs.py (reading work_dirs) and dk_mmdet/results/complexity.py.
 
 The work_dirs here are written by the tests in mmengine's layout (work_dir_fixtures.py), then
 parsed for real; the MAC handles are checked against counts worked out by hand from their
@@ -14,13 +14,12 @@ from mmengine.config import Config
 from torch import nn
 
 import dk_mmdet
+from dk_mmdet.results import complexity as model_complexity
+from dk_mmdet.results import work_dirs
+from tools.analysis_tools import collect_results
 from work_dir_fixtures import (COCO_VAL, REPO_ROOT, SHAPES_HARD, SHAPES_VAL, coco_logged,
-                               evaluator_config, load_tool, model_config, read_csv, train_lines,
-                               write_run, write_seeds)
-
-collect_results = load_tool('collect_results')
-model_complexity = load_tool('model_complexity')
-model_results = load_tool('model_results')
+                               evaluator_config, model_config, read_csv, train_lines, write_run,
+                               write_seeds)
 
 
 # ---------------------------------------------------------------------------- single runs
@@ -101,18 +100,18 @@ def test_a_folder_without_runs_is_refused(tmp_path):
 
 
 def test_split_names():
-    assert model_results.split_name(dict(ann_file=COCO_VAL)) == 'val2017'
-    assert model_results.split_name(dict(ann_file=SHAPES_HARD)) == 'test_hard'
-    assert model_results.split_name(dict(ann_file='ann/my_split.json')) == 'my_split'
-    assert model_results.split_name(dict(type='CocoMetric')) is None
+    assert work_dirs.split_name(dict(ann_file=COCO_VAL)) == 'val2017'
+    assert work_dirs.split_name(dict(ann_file=SHAPES_HARD)) == 'test_hard'
+    assert work_dirs.split_name(dict(ann_file='ann/my_split.json')) == 'my_split'
+    assert work_dirs.split_name(dict(type='CocoMetric')) is None
 
 
 def test_default_input_size_is_the_test_resize():
     coco = Config.fromfile(osp.join(REPO_ROOT, 'configs/dk/faster-rcnn_r50_fpn_1x_coco.py'))
-    assert collect_results.test_input_size(coco) == (800, 1333)
+    assert model_complexity.test_input_size(coco) == (800, 1333)
     assert model_complexity.padded_input_shape(coco.model, 800, 1333) == (800, 1344)
     shapes = Config.fromfile(osp.join(REPO_ROOT, 'configs/shapes/faster-rcnn_r50_fpn_shapes.py'))
-    assert collect_results.test_input_size(shapes) == (256, 256)
+    assert model_complexity.test_input_size(shapes) == (256, 256)
 
 
 def test_csv_numbers_have_one_decimal(tmp_path):
@@ -136,9 +135,10 @@ def test_seeded_and_single_run_work_dirs_do_not_mix(tmp_path):
     with pytest.raises(ValueError, match='others do not'):
         collect_results.main([str(tmp_path / 'seeded'), str(tmp_path / 'single'), '--out',
                               str(tmp_path / 's.md'), '--no-complexity'])
-    with pytest.raises(ValueError, match='--baseline pairs models by seed'):
-        collect_results.main([str(tmp_path / 'single'), '--out', str(tmp_path / 's.md'),
-                              '--no-complexity', '--baseline', 'single'])
+    for seed_option in (['--baseline', 'single'], ['--runs-csv', str(tmp_path / 'r.csv')]):
+        with pytest.raises(ValueError, match='are about seeds: they need work_dirs of seed'):
+            collect_results.main([str(tmp_path / 'single'), '--out', str(tmp_path / 's.md'),
+                                  '--no-complexity', *seed_option])
 
 
 # ------------------------------------------------------------------------------------ MACs

@@ -1,4 +1,4 @@
-"""tools/analysis_tools/deformation_bins.py: AP per bin of deformation, by hand, against
+"""dk_mmdet/results/deformation_bins.py: AP per bin of deformation, by hand, against
 pycocotools' own area ranges and against what mmdet's CocoMetric writes; end to end through
 collect_results.py on a study of seed<k>/ work_dirs (work_dir_fixtures.py).
 """
@@ -14,10 +14,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from work_dir_fixtures import coco_logged, load_tool, model_config, read_csv, write_run
-
-collect_results = load_tool('collect_results')
-deformation_bins = load_tool('deformation_bins')
+from dk_mmdet.results import deformation_bins
+from tools.analysis_tools import collect_results
+from work_dir_fixtures import coco_logged, model_config, read_csv, write_run
 
 
 def ground_truth_file(path, stretches, boxes, categories=1, image_ids=None):

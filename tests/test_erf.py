@@ -15,8 +15,10 @@ from PIL import Image
 from torch import nn
 
 import dk_ops
+from dk_mmdet import erf, erf_figures
 from dk_mmdet.analysis import AnnotatedImage, GroundTruthObject, unit_index
-from tools.analysis_tools import erf, erf_seeds
+from tools.analysis_tools import erf as erf_tool
+from tools.analysis_tools import erf_seeds
 from tools.data.make_shapes import generate
 
 SHAPES_CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', 'shapes')
@@ -215,7 +217,7 @@ def read_rows(out):
 def test_stem_erf_of_a_detector_is_its_first_kernel(shapes, same_function_models, tmp_path):
     models, rigid = same_function_models
     out = str(tmp_path / 'erf')
-    erf.main(models[:2] + ['--images', shapes['images'], '--ann', shapes['ann'], '--layer',
+    erf_tool.main(models[:2] + ['--images', shapes['images'], '--ann', shapes['ann'], '--layer',
                            'backbone.conv1', '--out', out, '--names', 'rigid'])
     rows = read_rows(out)
     with open(shapes['ann']) as f:
@@ -247,7 +249,7 @@ def test_zero_offset_dk_and_fresh_condconv_detectors_share_the_rigid_erf(
         shapes, same_function_models, tmp_path):
     models, _ = same_function_models
     out = str(tmp_path / 'erf')
-    summary = erf.main(models + ['--images', shapes['images'], '--ann', shapes['ann'],
+    summary = erf_tool.main(models + ['--images', shapes['images'], '--ann', shapes['ann'],
                                  '--layer', 'backbone.layer3', '--out', out, '--names',
                                  'rigid', 'dk', 'condconv'])
     rows = read_rows(out)
@@ -277,15 +279,15 @@ def test_command_line_errors(shapes, same_function_models, tmp_path):
     models, _ = same_function_models
     common = ['--images', shapes['images'], '--ann', shapes['ann'], '--out', str(tmp_path)]
     with pytest.raises(SystemExit):  # odd number of paths
-        erf.parse_args(models[:3] + common + ['--layer', 'backbone.layer3'])
+        erf_tool.parse_args(models[:3] + common + ['--layer', 'backbone.layer3'])
     with pytest.raises(KeyError, match="no module 'backbone.layer9'"):
-        erf.main(models[:2] + common + ['--layer', 'backbone.layer9'])
+        erf_tool.main(models[:2] + common + ['--layer', 'backbone.layer9'])
     with pytest.raises(TypeError, match='backbone returns tuple, not a feature map'):
-        erf.main(models[:2] + common + ['--layer', 'backbone'])
+        erf_tool.main(models[:2] + common + ['--layer', 'backbone'])
     with pytest.raises(ValueError, match='--channel 9999 is not a channel'):
-        erf.main(models[:2] + common + ['--layer', 'backbone.conv1', '--channel', '9999'])
+        erf_tool.main(models[:2] + common + ['--layer', 'backbone.conv1', '--channel', '9999'])
     with pytest.raises(ValueError, match='is not listed in'):
-        erf.main(models[:2] + common[2:] + ['--images', __file__, '--layer', 'backbone.conv1'])
+        erf_tool.main(models[:2] + common[2:] + ['--images', __file__, '--layer', 'backbone.conv1'])
 
 
 # --- the figures: display scale, half-mass circle, gallery ------------------------------------
@@ -310,32 +312,32 @@ def test_half_mass_radius_and_levels_of_a_gaussian_and_a_disc():
     # The smallest region holding mass m is that circle, on whose edge the Gaussian is 1 - m
     # of its peak.
     for mass in (0.1, 0.5, 0.95):
-        assert erf.mass_level(bump, mass) == pytest.approx(1 - mass, abs=0.01)
+        assert erf_figures.mass_level(bump, mass) == pytest.approx(1 - mass, abs=0.01)
     # A uniform disc of radius R holds half its mass within R / sqrt(2).
     disc = (gaussian(121, (60.5, 60.5), 1.0) >= math.exp(-30**2 / 2)).astype(float)
     assert erf.erf_radius(disc, 0.5) == pytest.approx(30 / math.sqrt(2), abs=0.15)
-    assert erf.mass_level(disc, 0.5) == 1.0
+    assert erf_figures.mass_level(disc, 0.5) == 1.0
 
 
 def test_overlay_colours_the_erf_over_the_dimmed_image():
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    dimmed = np.repeat(rgb.mean(-1, keepdims=True) / 255 * erf.IMAGE_DIMMING, 3, axis=-1)
+    dimmed = np.repeat(rgb.mean(-1, keepdims=True) / 255 * erf_figures.IMAGE_DIMMING, 3, axis=-1)
     bump = erf.normalise(gaussian(64, (20.0, 40.0), 4.0))
-    shown = erf.erf_overlay(rgb, bump)
+    shown = erf_figures.erf_overlay(rgb, bump)
     assert shown.shape == (64, 64, 3) and 0 <= shown.min() and shown.max() <= 1
     # The hottest 10% of the mass saturates: the top colour of the map, opaque.
-    top = np.array(matplotlib.colormaps[erf.COLOUR_MAP](1.0)[:3])
+    top = np.array(matplotlib.colormaps[erf_figures.COLOUR_MAP](1.0)[:3])
     assert np.allclose(shown[39, 19], top)
     # Inside the half-mass circle every pixel is coloured; beyond the 95% level, none.
     rows, cols = np.indices(bump.shape)
     inside = np.hypot(cols + 0.5 - 20, rows + 0.5 - 40) <= erf.erf_radius(bump, 0.5)
     assert inside.sum() > 20
     assert np.abs(shown - dimmed).sum(-1)[inside].min() > 0.05
-    outside = bump < erf.mass_level(bump, erf.DISPLAY_MASS[1])
+    outside = bump < erf_figures.mass_level(bump, erf_figures.DISPLAY_MASS[1])
     assert outside.sum() > 3000 and np.array_equal(shown[outside], dimmed[outside])
     # Nothing to colour: the dimmed image.
-    assert np.array_equal(erf.erf_overlay(rgb, np.zeros((64, 64))), dimmed)
+    assert np.array_equal(erf_figures.erf_overlay(rgb, np.zeros((64, 64))), dimmed)
 
 
 def test_gallery_picks_objects_from_small_to_large():
@@ -359,19 +361,19 @@ def test_gallery_figure_is_small_and_shows_the_erfs(tmp_path):
             bump = erf.normalise(gaussian(128, (x, y), sigma)).astype(np.float32)
             items[name] = erf.ObjectERF(GroundTruthObject(1, 'ring', (0, 0, 1, 1), 1.0), box,
                                         (0, 0), (x, y), bump, erf.erf_radius(bump, 0.5))
-        columns.append(erf.GalleryColumn('x.png', {'narrow': rgb, 'wide': rgb}, items))
+        columns.append(erf_figures.GalleryColumn('x.png', {'narrow': rgb, 'wide': rgb}, items))
     # The crop holds the box and 2.5 times the widest radius, and stays in the image.
-    x1, y1, x2, y2 = erf.crop_window(list(columns[0].items.values()), (128, 128))
+    x1, y1, x2, y2 = erf_figures.crop_window(list(columns[0].items.values()), (128, 128))
     assert x2 - x1 == y2 - y1 == pytest.approx(2 * 2.5 * columns[0].items['wide'].radius)
     assert (x1 + x2) / 2 == pytest.approx(30) and (y1 + y2) / 2 == pytest.approx(30)
-    x1, y1, x2, y2 = erf.crop_window(list(columns[1].items.values()), (128, 128))
+    x1, y1, x2, y2 = erf_figures.crop_window(list(columns[1].items.values()), (128, 128))
     assert x2 - x1 == pytest.approx(1.2 * 80) and x2 <= 128 and y1 >= 0
     path = str(tmp_path / 'gallery.png')
-    erf.draw_erf_grid(path, 'test', columns, 0.5)
+    erf_figures.draw_erf_grid(path, 'test', columns, 0.5)
     assert 0 < osp.getsize(path) < 300_000
     pixels = np.asarray(Image.open(path).convert('RGB')).astype(int)
     # The saturated top of the colour map shows (up to the 256-colour palette).
-    top = np.array(matplotlib.colormaps[erf.COLOUR_MAP](1.0)[:3]) * 255
+    top = np.array(matplotlib.colormaps[erf_figures.COLOUR_MAP](1.0)[:3]) * 255
     assert (np.abs(pixels - top).max(-1) < 12).sum() > 50
 
 
@@ -394,8 +396,8 @@ def test_slope_mean_sd_t_interval_and_paired_difference():
               'DCN': {0: 0.5, 1: None, 2: 0.1}, 'broken': {0: None}}
     rigid, dk, dcn = erf_seeds.variant_slopes(slopes, 'rigid')
     # DK: mean 0.4, sd 0.2, 95% interval 0.4 +- t(0.975, 2) 0.2 / sqrt(3), t = 4.303 in tables.
-    assert (dk.variant, dk.summary.seeds) == ('DK', 3)
-    assert dk.summary.mean == pytest.approx(0.4) and dk.summary.sd == pytest.approx(0.2)
+    assert (dk.variant, dk.spread.count) == ('DK', 3)
+    assert dk.spread.mean == pytest.approx(0.4) and dk.spread.sd == pytest.approx(0.2)
     half_width = 4.303 * 0.2 / math.sqrt(3)
     assert (dk.low, dk.high) == pytest.approx((0.4 - half_width, 0.4 + half_width), abs=5e-4)
     # Paired by seed: 0.1, 0.1, 0.4, mean 0.2, sd sqrt((0.01 + 0.01 + 0.04) / 2) = sqrt(0.03).
@@ -406,26 +408,27 @@ def test_slope_mean_sd_t_interval_and_paired_difference():
         (0.2 - half_width, 0.2 + half_width), abs=5e-4)
     assert rigid.baseline is None and rigid.difference is None
     # A seed without a slope drops out of the summary and of the pairs: 0.4, -0.1.
-    assert dcn.summary.seeds == 2 and dcn.slopes == {0: 0.5, 2: 0.1}
+    assert dcn.spread.count == 2 and dcn.slopes == {0: 0.5, 2: 0.1}
     assert dcn.difference.pairs == 2 and dcn.difference.mean == pytest.approx(0.15)
     # One seed: a mean and nothing else.
     single, = erf_seeds.variant_slopes({'DK': {3: 0.25}})
-    assert (single.summary.mean, single.summary.sd, single.low) == (0.25, None, None)
+    assert (single.spread.mean, single.spread.sd, single.low) == (0.25, None, None)
     with pytest.raises(ValueError, match='--baseline rigid: not a --model NAME'):
         erf_seeds.variant_slopes({'DK': {0: 0.1}}, 'rigid')
 
 
 def test_seeds_pair_by_seed_folder_else_by_order():
-    by_folder = erf_seeds.seed_models([('DK', 'dk.py', 'study/dk/seed2/iter_8.pth'),
-                                       ('DK', 'dk.py', 'study/dk/seed0/iter_8.pth'),
-                                       ('rigid', 'r.py', 'study/r/seed0/iter_8.pth')])
+    by_folder = erf_seeds.seed_checkpoints([('DK', 'dk.py', 'study/dk/seed2/iter_8.pth'),
+                                            ('DK', 'dk.py', 'study/dk/seed0/iter_8.pth'),
+                                            ('rigid', 'r.py', 'study/r/seed0/iter_8.pth')])
     assert [(model.variant, model.seed) for model in by_folder] == [('DK', 2), ('DK', 0),
                                                                     ('rigid', 0)]
-    by_order = erf_seeds.seed_models([('DK', 'dk.py', 'a.pth'), ('rigid', 'r.py', 'b.pth'),
-                                      ('DK', 'dk.py', 'study/dk/seed7/c.pth')])
+    by_order = erf_seeds.seed_checkpoints([('DK', 'dk.py', 'a.pth'), ('rigid', 'r.py', 'b.pth'),
+                                           ('DK', 'dk.py', 'study/dk/seed7/c.pth')])
     assert [model.seed for model in by_order] == [0, 0, 1]
     with pytest.raises(ValueError, match='are both seed 1'):
-        erf_seeds.seed_models([('DK', 'dk.py', 'x/seed1/a.pth'), ('DK', 'dk.py', 'y/seed1/b.pth')])
+        erf_seeds.seed_checkpoints([('DK', 'dk.py', 'x/seed1/a.pth'),
+                                    ('DK', 'dk.py', 'y/seed1/b.pth')])
 
 
 def test_seeds_command_line(shapes, same_function_models, tmp_path):
@@ -450,19 +453,23 @@ def test_seeds_command_line(shapes, same_function_models, tmp_path):
         assert by_variant[variant].slopes[seed] == pytest.approx(fit['slope'])
     # The same checkpoint as both seeds: no spread; the zero-offset DK computes the rigid
     # function, so its difference is close to zero.
-    assert by_variant['rigid'].summary.sd == 0 and by_variant['rigid'].low == by_variant[
+    assert by_variant['rigid'].spread.sd == 0 and by_variant['rigid'].low == by_variant[
         'rigid'].high
     assert by_variant['dk'].difference.pairs == 2
     assert abs(by_variant['dk'].difference.mean) < 0.05
     with open(osp.join(out, 'erf_seeds.csv')) as f:
         table = {row['variant']: row for row in csv.DictReader(f)}
     assert table['dk']['baseline'] == 'rigid' and table['dk']['pairs'] == '2'
-    assert table['rigid']['mean'] == f'{by_variant["rigid"].summary.mean:.3f}'
+    assert table['rigid']['mean'] == f'{by_variant["rigid"].spread.mean:.3f}'
     with open(osp.join(out, 'erf_seeds.md')) as f:
         markdown = f.read()
     assert '| dk | 2 |' in markdown and 'minus rigid, paired' in markdown
     assert osp.getsize(osp.join(out, 'erf_gallery.png')) > 0
     with open(osp.join(out, 'erf_seed_slopes.csv')) as f:
-        assert len(list(csv.DictReader(f))) == 4
+        seed_slopes = list(csv.DictReader(f))
+    assert len(seed_slopes) == 4
+    # in full: the very values the means, sds and intervals are computed from
+    for row in seed_slopes:
+        assert float(row['slope']) == by_variant[row['variant']].slopes[int(row['seed'])]
     with pytest.raises(SystemExit):
         erf_seeds.parse_args(['--model', 'dk', *dk, '--baseline', 'rigid'] + arguments)

@@ -1,5 +1,6 @@
 """tools/run_study.py: the study's runs, the configs it writes, that every fine-tuned variant
-starts as the stage-1 rigid detector, and that finished steps are stamped and skipped."""
+starts as the stage-1 rigid detector, that finished steps are stamped and skipped, and what it
+collects; dk_mmdet/results/shapes_study.py: the compact tables."""
 import json
 import os
 import os.path as osp
@@ -13,8 +14,11 @@ from mmengine.config import Config
 from mmengine.runner import load_checkpoint
 
 import dk_mmdet  # noqa: F401  (registers the DK layers)
+from dk_mmdet.results import shapes_study
 from mmdet_fixtures import load_tool
 from test_init_parity import build_with_seed
+from tools.analysis_tools import collect_results
+from work_dir_fixtures import read_csv, write_seeds
 
 run_study = load_tool('run_study.py', 'run_study')
 
@@ -180,7 +184,7 @@ def test_summary_tables_hold_ap_and_paired_differences(tmp_path):
         (tmp_path / protocol).mkdir()
         (tmp_path / protocol / 'results.csv').write_text(
             RESULTS_CSV if protocol == 'finetune' else RESULTS_CSV.split('\n')[0] + '\n')
-    lines = run_study.summary_tables(str(tmp_path)).splitlines()
+    lines = shapes_study.summary_tables(str(tmp_path)).splitlines()
     assert lines[0] == 'finetune, faster-rcnn, bbox AP:'
     assert lines[4] == '| rigid | 3 | 23.6 ± 0.3 |  | 11.0 ± 0.2 |  |'
     # AP only (not AP50, not a bin); the difference with its interval, signed, in bold when
@@ -188,3 +192,24 @@ def test_summary_tables_hold_ap_and_paired_differences(tmp_path):
     assert lines[5] == ('| DK | 3 | 24.1 ± 0.5 | +0.5 [-0.7, +1.7] | 10.0 ± 0.4 | '
                         '**-1.0 [-1.9, -0.1]** |')
     assert len(lines) == 6  # no scratch rows, no Mask R-CNN table
+
+
+def test_collect_writes_every_seeds_value_beside_the_tables(tmp_path):
+    root = str(tmp_path)
+    models = (run_study.BASELINES[0], 'faster-rcnn_r50-dk-c3-c5_fpn_shapes')
+    runs = [run_study.Run('scratch', model, seed, run_study.SCRATCH)
+            for model in models for seed in range(2)]
+    write_seeds(runs[0].model_dir(root), [0.40, 0.41])
+    write_seeds(runs[2].model_dir(root), [0.43, 0.42])
+    arguments = run_study.collect_arguments(runs, root, 'scratch')
+    assert arguments[0] == 'tools/analysis_tools/collect_results.py'
+    # the arguments as run_study passes them; the MACs need real configs, these have none
+    collect_results.main(arguments[1:] + ['--no-complexity'])
+    values = {(row['model'], row['seed']): float(row['value'])
+              for row in read_csv(osp.join(root, 'scratch', 'results_runs.csv'))
+              if row['metric'] == 'AP'}
+    assert values == {(models[0], '0'): 40.0, (models[0], '1'): 41.0,
+                      (models[1], '0'): 43.0, (models[1], '1'): 42.0}
+    summary = read_csv(osp.join(root, 'scratch', 'results.csv'))
+    assert {(row['model'], row['metric'], row['baseline']) for row in summary
+            } >= {(models[1], 'AP', models[0])}

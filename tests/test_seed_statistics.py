@@ -1,4 +1,4 @@
-"""tools/analysis_tools/seed_statistics.py: Student t quantiles against printed tables and
+"""dk_mmdet/results/seed_statistics.py and study.py: Student t quantiles against printed tables and
 closed forms; means, standard deviations and paired intervals of studies of seed<k>/ work_dirs
 (work_dir_fixtures.py), worked out by hand.
 """
@@ -10,10 +10,9 @@ import shutil
 
 import pytest
 
-from work_dir_fixtures import load_tool, read_csv, write_seeds
-
-collect_results = load_tool('collect_results')
-seed_statistics = load_tool('seed_statistics')
+from dk_mmdet.results import seed_statistics
+from tools.analysis_tools import collect_results
+from work_dir_fixtures import REPO_ROOT, read_csv, write_seeds
 
 # Two-sided 95% critical value of Student's t with 2 degrees of freedom, as printed in t tables
 # (e.g. NIST/SEMATECH e-Handbook of Statistical Methods, section 1.3.6.7.2, "Critical values of
@@ -122,3 +121,146 @@ def test_each_model_is_paired_with_the_baseline_of_its_detector(tmp_path):
     with pytest.raises(ValueError, match='--baseline rigid: not the name of a work_dir'):
         collect_results.main(work_dirs + ['--out', str(tmp_path / 's.md'), '--no-complexity',
                                           '--baseline', 'rigid'])
+
+
+# ------------------------------------------------------- summaries recomputed from every run
+
+STUDY_DOCS = osp.join(REPO_ROOT, 'docs', 'study')
+AP_KEY = ('split', 'task', 'metric', 'bin', 'model')
+
+
+def plain_t_975(degrees_of_freedom):
+    """t(0.975, df) in closed form (see test_t_quantile): neither scipy nor the package."""
+    if degrees_of_freedom == 1:
+        return math.tan(math.pi * 0.475)
+    if degrees_of_freedom == 2:
+        return 0.95 / math.sqrt(2 * 0.975 * 0.025)
+    raise AssertionError(f'no closed form here for {degrees_of_freedom} degrees of freedom')
+
+
+def plain_interval(values):
+    """(mean, sd, low, high) from the textbook formulas; sd and interval None for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None, None, None
+    sd = math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1))
+    half_width = plain_t_975(n - 1) * sd / math.sqrt(n)
+    return mean, sd, mean - half_width, mean + half_width
+
+
+def package_interval(values):
+    spread, low, high = seed_statistics.mean_interval(values)
+    return spread.mean, spread.sd, low, high
+
+
+def package_difference(model, baseline):
+    difference = seed_statistics.paired_difference(model, baseline)
+    return difference.mean, difference.low, difference.high
+
+
+def plain_difference(model, baseline):
+    mean, _, low, high = plain_interval([model[k] - baseline[k]
+                                         for k in sorted(model.keys() & baseline.keys())])
+    return mean, low, high
+
+
+def assert_same(package, plain):
+    assert [x is None for x in package] == [x is None for x in plain]
+    assert [x for x in package if x is not None] == pytest.approx(
+        [x for x in plain if x is not None], rel=1e-12, abs=1e-12)
+
+
+def check_ap_summary(runs_path, summary_path):
+    """Every line of a summary CSV (collect_results.py --csv) holds the numbers that the
+    per-run CSV (--runs-csv) gives, computed by the package and by plain formulas alike."""
+    values = {}
+    for row in read_csv(runs_path):
+        key = tuple(row[column] for column in AP_KEY)
+        values.setdefault(key, {})[int(row['seed'])] = float(row['value'])
+    summary = read_csv(summary_path)
+    assert len(summary) == len(values)
+
+    def text(value):
+        return '' if value is None else f'{value:.1f}'
+
+    for line in summary:
+        by_seed = values[tuple(line[column] for column in AP_KEY)]
+        numbers = package_interval(list(by_seed.values()))
+        assert_same(numbers, plain_interval(list(by_seed.values())))
+        assert [line['seeds'], line['mean'], line['sd']] == [
+            str(len(by_seed)), text(numbers[0]), text(numbers[1])]
+        if not line['baseline']:
+            assert line['difference'] == line['ci95_low'] == ''
+            continue
+        baseline = values[tuple(line[column] for column in AP_KEY[:-1]) + (line['baseline'], )]
+        difference = package_difference(by_seed, baseline)
+        assert_same(difference, plain_difference(by_seed, baseline))
+        assert [line['pairs'], line['difference'], line['ci95_low'], line['ci95_high']] == [
+            str(len(by_seed.keys() & baseline.keys())), *map(text, difference)]
+
+
+def test_the_summary_follows_from_the_values_of_every_run(tmp_path):
+    rigid, dk = str(tmp_path / 'rigid'), str(tmp_path / 'dk')
+    write_seeds(rigid, [0.403, 0.417, 0.398], hard_aps=[0.201, 0.236, 0.219])
+    write_seeds(dk, [0.441, 0.405, 0.422], hard_aps=[0.25, 0.247, 0.281])
+    shutil.rmtree(osp.join(dk, 'seed1'))  # a missing seed: two pairs, one degree of freedom
+    summary_path, runs_path = str(tmp_path / 'study.csv'), str(tmp_path / 'runs.csv')
+    collect_results.main([rigid, dk, '--out', str(tmp_path / 's.md'), '--csv', summary_path,
+                          '--runs-csv', runs_path, '--no-complexity', '--baseline', 'rigid'])
+    runs = read_csv(runs_path)
+    assert len(runs) == 2 * 6 * (3 + 2)  # splits x metrics x seeds of the models
+    # every value in full: 0.403 * 100 is 40.300000000000004 in floating point
+    assert {'split': 'val', 'task': 'bbox', 'metric': 'AP', 'bin': '', 'model': 'rigid',
+            'seed': '0', 'value': repr(0.403 * 100)} in runs
+    check_ap_summary(runs_path, summary_path)
+
+
+@pytest.mark.parametrize('protocol', ['finetune', 'scratch'])
+def test_committed_study_summaries_follow_from_every_run(protocol):
+    runs_path = osp.join(STUDY_DOCS, f'{protocol}_runs.csv')
+    if not osp.exists(runs_path):
+        pytest.skip(f'docs/study/{protocol}_runs.csv is not committed: the per-seed values of '
+                    f'docs/study/{protocol}.csv are gone; `make compare` writes them to '
+                    f'work_dirs/study/{protocol}/results_runs.csv')
+    check_ap_summary(runs_path, osp.join(STUDY_DOCS, f'{protocol}.csv'))
+
+
+def test_committed_erf_slope_summaries_follow_from_every_seeds_slope():
+    """docs/study/erf_seeds_runs.csv holds each seed's slope as erf_seeds.csv printed it, to 3
+    decimals, while the means, sds and intervals were computed from the slopes in full: each
+    recomputed number must lie within what rounding each slope by up to h = 0.0005 (and the
+    printed number itself) can move it. With n values and t = t(0.975, n - 1): the mean moves
+    by h at most, the sd by sqrt(n / (n - 1)) h (the norm of the centred rounding errors over
+    sqrt(n - 1)), an interval end by h + t h / sqrt(n - 1); a difference of two slopes by 2h."""
+    h = 0.0005
+    slopes = {}
+    for row in read_csv(osp.join(STUDY_DOCS, 'erf_seeds_runs.csv')):
+        slopes.setdefault(row['variant'], {})[int(row['seed'])] = float(row['slope'])
+    summary = read_csv(osp.join(STUDY_DOCS, 'erf_seeds.csv'))
+    assert [line['variant'] for line in summary] == list(slopes)
+    for line in summary:
+        by_seed = slopes[line['variant']]
+        assert line['slope_per_seed'] == ' '.join(f'{k}:{v:.3f}' for k, v in by_seed.items())
+        n = len(by_seed)
+        t = plain_t_975(n - 1)
+        numbers = package_interval(list(by_seed.values()))
+        assert_same(numbers, plain_interval(list(by_seed.values())))
+        assert int(line['seeds']) == n
+        committed = [float(line[key]) for key in ('mean', 'sd', 'ci95_low', 'ci95_high')]
+        interval_tolerance = 2 * h + t * h / math.sqrt(n - 1)
+        tolerances = [2 * h, h + math.sqrt(n / (n - 1)) * h, interval_tolerance,
+                      interval_tolerance]
+        for number, printed, tolerance in zip(numbers, committed, tolerances):
+            assert abs(number - printed) <= tolerance, (line['variant'], number, printed)
+        if not line['baseline']:
+            continue
+        baseline = slopes[line['baseline']]
+        difference = package_difference(by_seed, baseline)
+        assert_same(difference, plain_difference(by_seed, baseline))
+        assert int(line['pairs']) == len(by_seed.keys() & baseline.keys())
+        committed = [float(line[key]) for key in ('difference', 'difference_ci95_low',
+                                                  'difference_ci95_high')]
+        tolerances = [3 * h] + [3 * h + 2 * t * h / math.sqrt(n - 1)] * 2
+        for number, printed, tolerance in zip(difference, committed, tolerances):
+            assert abs(number - printed) <= tolerance, (line['variant'], number, printed)

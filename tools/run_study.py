@@ -22,7 +22,8 @@ Each run is an ordinary work_dir, ``ROOT/<protocol>/<model>/seed<k>/``, trained 
 tools/train.py from a config this script writes next to it (``ROOT/<protocol>/<model>/
 <model>.py``: the configs/shapes variant plus the protocol's schedule), then tested by
 tools/test.py on both splits with the detections kept for the per-bin tables. At the end, the
-tables (``ROOT/<protocol>/results.{md,csv}``, the compact ones of docs/shapes.md in
+tables (``ROOT/<protocol>/results.{md,csv}``, every seed's values in
+``ROOT/<protocol>/results_runs.csv``, the compact tables of docs/shapes.md in
 ``ROOT/summary.md``) and the slope of ERF radius on object size of
 every fine-tuned Faster R-CNN (erf_seeds.py, ``ROOT/finetune/erf_seeds/``). Every finished step
 is recorded in the run's ``study_stamp.json`` (commit, machine, threads, seconds) and skipped
@@ -30,8 +31,8 @@ the next time (the ERF step once its table exists); an interrupted training resu
 last checkpoint.
 """
 import argparse
-import csv
 import datetime
+import importlib.util
 import json
 import os
 import os.path as osp
@@ -42,22 +43,24 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if importlib.util.find_spec('dk_mmdet') is None:
+    # Run from a checkout without installing: use the repository's package.
+    sys.path.insert(0, REPO_ROOT)
+
+from dk_mmdet.results.shapes_study import (PROTOCOLS, RIGID, shapes_config_name,  # noqa: E402
+                                           summary_tables, variant_label)
+
 SHAPES_CONFIGS = osp.join(REPO_ROOT, 'configs', 'shapes')
 DATA_ROOT = 'data/shapes/'  # the configs' data_root
 
-RIGID = 'r50_fpn'
 DK_VARIANTS = ('r50-dk-c3-c5_fpn', 'r50-dk-global-c3-c5_fpn', 'r50-dk-dconv-c3-c5_fpn')
 # mmcv's deformable convs: on a CPU one training iteration costs about 3-8x a rigid one, so they
 # run only where the comparison needs them most, the Faster R-CNN fine-tuning.
 MMCV_DCN_VARIANTS = ('r50-dconv-c3-c5_fpn', 'r50-mdconv-c3-c5_fpn')
 BASELINES = ('faster-rcnn_r50_fpn_shapes', 'mask-rcnn_r50_fpn_shapes')
-# The names of the variants in the ERF tables.
-VARIANT_LABELS = {RIGID: 'rigid', 'r50-dconv-c3-c5_fpn': 'DCN', 'r50-mdconv-c3-c5_fpn': 'DCNv2',
-                  'r50-dk-c3-c5_fpn': 'DK', 'r50-dk-global-c3-c5_fpn': 'DK-global',
-                  'r50-dk-dconv-c3-c5_fpn': 'DK+DCN'}
 # The ERF analysis: the fine-tuned Faster R-CNNs, at the val objects, the units of stage c4.
 ERF_LAYER = 'backbone.layer3'
 ERF_MAX_OBJECTS = 100
@@ -106,21 +109,11 @@ class Run:
         return self.schedule.iters * (8 if slow else 1) * (1.3 if 'mask' in self.model else 1)
 
 
-def model_name(detector: str, variant: str) -> str:
-    return f'{detector}_{variant}_shapes'
-
-
-def variant_label(model: str) -> str:
-    """The table name of a model_name's variant: 'DK' for faster-rcnn_r50-dk-c3-c5_fpn_shapes."""
-    _, variant = model[:-len('_shapes')].split('_', 1)
-    return VARIANT_LABELS[variant]
-
-
 def study_runs(seeds: int) -> List[Run]:
     """Every run of the study, in the order they start: stage 1, then the protocols in order of
     importance (if the machine is needed back, the main comparison is complete first), each
     longest run first."""
-    stage1 = {detector: Run('stage1', model_name(detector, RIGID), 0, STAGE1)
+    stage1 = {detector: Run('stage1', shapes_config_name(detector, RIGID), 0, STAGE1)
               for detector in ('faster-rcnn', 'mask-rcnn')}
     runs = list(stage1.values())
     for protocol, detector, variants in (
@@ -129,8 +122,8 @@ def study_runs(seeds: int) -> List[Run]:
             ('scratch', 'faster-rcnn', (RIGID, *DK_VARIANTS))):
         schedule, start = ((FINETUNE, stage1[detector]) if protocol == 'finetune' else
                            (SCRATCH, None))
-        group = [Run(protocol, model_name(detector, variant), seed, schedule, load_from=start)
-                 for variant in variants for seed in range(seeds)]
+        group = [Run(protocol, shapes_config_name(detector, variant), seed, schedule,
+                     load_from=start) for variant in variants for seed in range(seeds)]
         runs += sorted(group, key=Run.cost, reverse=True)
     return runs
 
@@ -243,58 +236,21 @@ def run_all(runs: List[Run], root: str, python: str, jobs: int, threads: int) ->
     return failures
 
 
+def collect_arguments(runs: List[Run], root: str, protocol: str) -> List[str]:
+    """collect_results.py for one protocol: the tables ROOT/<protocol>/results.{md,csv} and
+    every seed's values, ROOT/<protocol>/results_runs.csv."""
+    model_dirs = sorted({run.model_dir(root) for run in runs if run.protocol == protocol})
+    out = osp.join(root, protocol, 'results')
+    baselines = [name for name in BASELINES
+                 if name in {osp.basename(model_dir) for model_dir in model_dirs}]
+    return ['tools/analysis_tools/collect_results.py', *model_dirs, '--baseline', *baselines,
+            '--out', f'{out}.md', '--csv', f'{out}.csv', '--runs-csv', f'{out}_runs.csv']
+
+
 def collect(runs: List[Run], root: str, python: str) -> None:
-    """collect_results.py per protocol: ROOT/<protocol>/results.{md,csv}."""
-    for protocol in ('finetune', 'scratch'):
-        model_dirs = sorted({run.model_dir(root) for run in runs if run.protocol == protocol})
-        out = osp.join(root, protocol, 'results')
-        baselines = [name for name in BASELINES
-                     if name in {osp.basename(model_dir) for model_dir in model_dirs}]
-        subprocess.run([python, 'tools/analysis_tools/collect_results.py', *model_dirs,
-                        '--baseline', *baselines, '--out', f'{out}.md', '--csv', f'{out}.csv'],
-                       cwd=REPO_ROOT, check=True)
-
-
-def summary_tables(root: str) -> str:
-    """The compact tables of docs/shapes.md, from the protocols' results.csv: per detector and
-    task, each variant's AP on val and test_hard (mean ± sd over seeds) and its difference to
-    rigid, paired by seed, with the 95% t-interval (bold where it excludes 0)."""
-    lines = []
-    for protocol in ('finetune', 'scratch'):
-        with open(osp.join(root, protocol, 'results.csv')) as f:
-            rows = [row for row in csv.DictReader(f) if row['metric'] == 'AP' and not row['bin']]
-        for detector, task in (('faster-rcnn', 'bbox'), ('mask-rcnn', 'bbox'),
-                               ('mask-rcnn', 'segm')):
-            cells = {(row['model'], row['split']): row for row in rows
-                     if row['task'] == task and row['model'].startswith(detector)}
-            models = list(dict.fromkeys(model for model, _ in cells))
-            if not models:
-                continue
-            lines += [f'{protocol}, {detector}, {task} AP:', '',
-                      '| conv2 in c3-c5 | seeds | val | Δ val [95% CI] | test_hard | '
-                      'Δ test_hard [95% CI] |', '|---|---:|---:|---:|---:|---:|']
-            for model in models:
-                row = [variant_label(model), cells[(model, 'val')]['seeds']]
-                for split in ('val', 'test_hard'):
-                    cell = cells[(model, split)]
-                    row.append(f"{cell['mean']} ± {cell['sd']}" if cell['sd'] else cell['mean'])
-                    row.append(difference_cell(cell))
-                lines.append('| ' + ' | '.join(row) + ' |')
-            lines.append('')
-    return '\n'.join(lines)
-
-
-def difference_cell(cell: Dict[str, str]) -> str:
-    """'+0.5 [-0.7, +1.7]'; in bold when the interval excludes 0."""
-    if not cell['difference']:
-        return ''
-    text = f"{float(cell['difference']):+.1f}"
-    if cell['ci95_low']:
-        low, high = float(cell['ci95_low']), float(cell['ci95_high'])
-        text += f' [{low:+.1f}, {high:+.1f}]'
-        if low > 0 or high < 0:
-            text = f'**{text}**'
-    return text
+    for protocol in PROTOCOLS:
+        subprocess.run([python, *collect_arguments(runs, root, protocol)], cwd=REPO_ROOT,
+                       check=True)
 
 
 def erf_slopes(runs: List[Run], root: str, python: str) -> None:

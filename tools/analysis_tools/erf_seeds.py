@@ -6,7 +6,7 @@ log(box_size) over the objects: one slope per seed. Per variant (the models give
 NAME), the mean slope over its seeds, their standard deviation (n - 1) and the 95% Student t
 interval of the mean, mean +- t(0.975, n - 1) * sd / sqrt(n); with ``--baseline``, each
 variant's difference to the baseline variant paired by seed, d_k = slope_k - baseline_k, as its
-mean and t interval (seed_statistics.py's statistics, as collect_results.py reports AP).
+mean and t interval (dk_mmdet/results/seed_statistics.py, as collect_results.py reports AP).
 
     python tools/analysis_tools/erf_seeds.py \\
         --model rigid configs/shapes/faster-rcnn_r50_fpn_shapes.py rigid/seed0/iter_800.pth \\
@@ -24,8 +24,8 @@ Writes to ``--out``:
 
 - ``erf_seeds.md`` and ``erf_seeds.csv``: per variant, the slopes of its seeds, their mean, sd
   and interval, and the paired difference to the baseline with its interval;
-- ``erf_seed_slopes.csv``: per model, its slope, the correlation of the logs and the objects
-  fitted;
+- ``erf_seed_slopes.csv``: per model, its slope (in full: the tables' means, sds and intervals
+  are computed from these values), the correlation of the logs and the objects fitted;
 - ``erf_objects.csv``: per model and object, erf.py's columns (``model``: the variant) and
   ``seed``;
 - ``erf_gallery.png``: the first seed of each variant (rows) at ``--gallery-objects`` objects
@@ -33,7 +33,7 @@ Writes to ``--out``:
 """
 import argparse
 import csv
-import math
+import importlib.util
 import os
 import os.path as osp
 import re
@@ -41,34 +41,38 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-TOOLS_DIR = osp.dirname(osp.abspath(__file__))
-sys.path.insert(0, TOOLS_DIR)  # the modules next to this one, also when it is loaded by path
+if importlib.util.find_spec('dk_mmdet') is None:
+    # Run from a checkout without installing: use the repository's package.
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
+import matplotlib  # noqa: E402
+
+matplotlib.use('Agg')
 import numpy as np  # noqa: E402
 
-from erf import (GalleryColumn, add_common_arguments, check_common_arguments,  # noqa: E402
-                 draw_erf_grid, fit_log_log, gallery_picks, object_erfs, object_row,
-                 select_images, write_csv)
-from seed_statistics import (CONFIDENCE, PairedDifference, Summary,  # noqa: E402
-                             paired_difference, summarize, t_quantile)
-
-# (erf puts the repository on the path when dk_mmdet is not installed)
 from dk_mmdet.analysis import ImageInput, default_ann_file, load_detector  # noqa: E402
+from dk_mmdet.erf import (add_erf_arguments, check_erf_arguments, fit_log_log,  # noqa: E402
+                          gallery_picks, object_erfs, object_row, select_images, write_csv)
+from dk_mmdet.erf_figures import GalleryColumn, draw_erf_grid  # noqa: E402
+from dk_mmdet.results.seed_statistics import (CONFIDENCE, MeanSd,  # noqa: E402
+                                              PairedDifference, mean_interval,
+                                              paired_difference)
 
 SEED_FOLDER = re.compile(r'(?:^|[/\\])seed(\d+)(?:[/\\]|$)')
 DIGITS = 3  # of the slopes in the tables
 
 
 @dataclass(frozen=True)
-class SeedModel:
+class SeedCheckpoint:
+    """One seed of a variant: its config and trained checkpoint."""
     variant: str
     seed: int
     config: str
     checkpoint: str
 
 
-def seed_models(models: Sequence[Tuple[str, str, str]]) -> List[SeedModel]:
-    """``--model NAME CONFIG CHECKPOINT`` options as models with a seed: the k of a seed<k>
+def seed_checkpoints(models: Sequence[Tuple[str, str, str]]) -> List[SeedCheckpoint]:
+    """``--model NAME CONFIG CHECKPOINT`` options as checkpoints with a seed: the k of a seed<k>
     folder of the checkpoint path when every path has one, else the position among the
     models of the same NAME."""
     folders = [SEED_FOLDER.findall(checkpoint) for _, _, checkpoint in models]
@@ -76,7 +80,7 @@ def seed_models(models: Sequence[Tuple[str, str, str]]) -> List[SeedModel]:
     for (variant, config, checkpoint), found in zip(models, folders):
         position = positions[variant] = positions.get(variant, -1) + 1
         seed = int(found[-1]) if all(folders) else position
-        seeded.append(SeedModel(variant, seed, config, checkpoint))
+        seeded.append(SeedCheckpoint(variant, seed, config, checkpoint))
     seen = {}
     for model in seeded:
         other = seen.setdefault((model.variant, model.seed), model)
@@ -105,21 +109,11 @@ class VariantSlope:
     """A variant's slope over its seeds, and its paired difference to the baseline."""
     variant: str
     slopes: Dict[int, float]  # per seed with a slope
-    summary: Summary
+    spread: MeanSd
     low: Optional[float]  # the CONFIDENCE t interval of the mean; None for a single seed
     high: Optional[float]
     baseline: Optional[str] = None
     difference: Optional[PairedDifference] = None
-
-
-def mean_interval(values: Sequence[float]) -> Tuple[Summary, Optional[float], Optional[float]]:
-    """Mean and sd of ``values`` with the CONFIDENCE Student t interval of the mean."""
-    summary = summarize(values)
-    if summary.sd is None:
-        return summary, None, None
-    half_width = (t_quantile((1 + CONFIDENCE) / 2, summary.seeds - 1) * summary.sd /
-                  math.sqrt(summary.seeds))
-    return summary, summary.mean - half_width, summary.mean + half_width
 
 
 def variant_slopes(slopes: Dict[str, Dict[int, Optional[float]]],
@@ -135,12 +129,17 @@ def variant_slopes(slopes: Dict[str, Dict[int, Optional[float]]],
     for variant, by_seed in valid.items():
         if not by_seed:
             continue
-        summary, low, high = mean_interval(list(by_seed.values()))
+        spread, low, high = mean_interval(list(by_seed.values()))
         paired = baseline is not None and variant != baseline
         results.append(VariantSlope(
-            variant, by_seed, summary, low, high, baseline if paired else None,
+            variant, by_seed, spread, low, high, baseline if paired else None,
             paired_difference(by_seed, valid[baseline]) if paired else None))
     return results
+
+
+def _full(value: Optional[float]) -> str:
+    """A float as Python writes it in full: what the tables' numbers are computed from."""
+    return '' if value is None else repr(float(value))
 
 
 def _number(value: Optional[float], sign: str = '') -> str:
@@ -161,15 +160,15 @@ def slopes_markdown(results: Sequence[VariantSlope], layer: str, mass: float,
     lines = [f'## Slope of log ERF radius on log box size at {layer}', '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for result in results:
-        cells = [result.variant, str(result.summary.seeds),
+        cells = [result.variant, str(result.spread.count),
                  ', '.join(f'{seed}: {_number(slope)}' for seed, slope in
                            sorted(result.slopes.items())),
-                 _number(result.summary.mean), _number(result.summary.sd) or '-',
+                 _number(result.spread.mean), _number(result.spread.sd) or '-',
                  _interval(result.low, result.high)]
         if baseline:
             difference = result.difference
             cells += ['-', '-'] if difference is None else [
-                _number(difference.mean, '+') + ('' if difference.pairs == result.summary.seeds
+                _number(difference.mean, '+') + ('' if difference.pairs == result.spread.count
                                                  else f' (n={difference.pairs})'),
                 _interval(difference.low, difference.high, '+')]
         lines.append('| ' + ' | '.join(cells) + ' |')
@@ -195,10 +194,10 @@ def write_slopes_csv(path: str, results: Sequence[VariantSlope]) -> None:
         for result in results:
             difference = result.difference
             writer.writerow([
-                result.variant, result.summary.seeds,
+                result.variant, result.spread.count,
                 ' '.join(f'{seed}:{_number(slope)}' for seed, slope in
                          sorted(result.slopes.items())),
-                _number(result.summary.mean), _number(result.summary.sd),
+                _number(result.spread.mean), _number(result.spread.sd),
                 _number(result.low), _number(result.high), result.baseline or '',
                 difference.pairs if difference else '',
                 _number(difference and difference.mean), _number(difference and difference.low),
@@ -211,14 +210,14 @@ def parse_args(argv=None):
                         metavar=('NAME', 'CONFIG', 'CHECKPOINT'),
                         help='one seed of the variant NAME; repeat for every seed and variant')
     parser.add_argument('--baseline', help='the variant NAME the others are compared with')
-    add_common_arguments(parser)
+    add_erf_arguments(parser)
     args = parser.parse_args(argv)
-    check_common_arguments(parser, args)
+    check_erf_arguments(parser, args)
     try:
-        args.seed_models = seed_models(args.model)
+        args.checkpoints = seed_checkpoints(args.model)
     except ValueError as error:
         parser.error(str(error))
-    variants = list(dict.fromkeys(model.variant for model in args.seed_models))
+    variants = list(dict.fromkeys(model.variant for model in args.checkpoints))
     if args.baseline is not None and args.baseline not in variants:
         parser.error(f'--baseline {args.baseline} is not a --model NAME (names: '
                      f'{", ".join(variants)})')
@@ -230,33 +229,35 @@ def main(argv=None) -> List[VariantSlope]:
     os.makedirs(args.out, exist_ok=True)
     rows, seed_rows, gallery, images, picks = [], [], {}, None, None
     drawn = set()  # the variants in the gallery: their first seed
-    for model_spec in args.seed_models:
-        model = load_detector(model_spec.config, model_spec.checkpoint, args.cfg_options)
+    for seed_checkpoint in args.checkpoints:
+        model = load_detector(seed_checkpoint.config, seed_checkpoint.checkpoint,
+                              args.cfg_options)
         image_input = ImageInput(model.cfg)
         if images is None:  # the first model's test annotations, unless --ann
             images = select_images(args.ann or default_ann_file(model.cfg), args.images,
                                    args.max_images, args.max_objects)
             picks = gallery_picks(images, args.gallery_objects)
-        first_seed = model_spec.variant not in drawn
-        drawn.add(model_spec.variant)
+        first_seed = seed_checkpoint.variant not in drawn
+        drawn.add(seed_checkpoint.variant)
         model_rows = []
         for image_index, image in enumerate(images):
             rgb, items = object_erfs(model, image_input, image, args.layer, args.channel,
                                      args.mass)
-            model_rows += [dict(object_row(model_spec.variant, image, item),
-                                seed=model_spec.seed) for item in items]
+            model_rows += [dict(object_row(seed_checkpoint.variant, image, item),
+                                seed=seed_checkpoint.seed) for item in items]
             for pick in (picks if first_seed else []):
                 if pick[0] == image_index:
                     column = gallery.setdefault(pick, GalleryColumn(image.name, {}, {}))
-                    column.rgbs[model_spec.variant] = rgb
-                    column.items[model_spec.variant] = items[pick[1]]
+                    column.rgbs[seed_checkpoint.variant] = rgb
+                    column.items[seed_checkpoint.variant] = items[pick[1]]
         rows += model_rows
-        fit = slopes_by_seed(model_rows)[model_spec.variant][model_spec.seed]
-        seed_rows.append(dict(variant=model_spec.variant, seed=model_spec.seed,
-                              slope=_number(fit['slope']),
+        fit = slopes_by_seed(model_rows)[seed_checkpoint.variant][seed_checkpoint.seed]
+        seed_rows.append(dict(variant=seed_checkpoint.variant, seed=seed_checkpoint.seed,
+                              slope=_full(fit['slope']),
                               correlation=_number(fit['correlation']),
                               fitted_objects=fit['fitted_objects'],
-                              config=model_spec.config, checkpoint=model_spec.checkpoint))
+                              config=seed_checkpoint.config,
+                              checkpoint=seed_checkpoint.checkpoint))
     write_csv(osp.join(args.out, 'erf_objects.csv'), rows)
     write_csv(osp.join(args.out, 'erf_seed_slopes.csv'), seed_rows)
     fits = slopes_by_seed(rows)

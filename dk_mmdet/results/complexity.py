@@ -23,15 +23,21 @@ The counted forward is one test-mode image of the stated size (padded as the mod
 preprocessor pads). A two-stage detector's RoI head gets a fixed number of proposals,
 ``test_cfg.rpn.max_per_img`` (1000 in mmdet's COCO configs, what a trained RPN fills), rather
 than whatever an untrained RPN proposes, so the count depends on the config only.
+:func:`measure_complexity` builds a work_dir's model from its config and counts it at the size
+its test pipeline resizes to.
 """
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.analysis import FlopAnalyzer
 from mmengine.analysis.jit_handles import get_shape
+from mmengine.config import Config
+from mmengine.registry import MODELS, init_default_scope
 from mmengine.structures import InstanceData
 from torch import nn
+
+from dk_mmdet.results.work_dirs import WorkDirResults
 
 DK_OP = 'dk_ops::deform_kernel_conv2d'
 DCN_OP = 'prim::PythonOp.DeformConv2dFunction'
@@ -145,3 +151,29 @@ def model_complexity(detector: nn.Module, height: int, width: int,
         macs = analyzer.total()
     return dict(params=sum(p.numel() for p in detector.parameters()), macs=macs,
                 uncounted_ops=dict(analyzer.unsupported_ops()))
+
+
+def test_input_size(config: Config) -> Tuple[int, int]:
+    """(height, width) the test pipeline resizes to: Resize's scale, read as (long, short) side."""
+    for step in config.test_dataloader.dataset.pipeline:
+        if step['type'].split('.')[-1] == 'Resize' and 'scale' in step:
+            scale = step['scale']
+            scale = (scale, scale) if isinstance(scale, int) else tuple(scale)
+            return (min(scale), max(scale))
+    raise ValueError('the test pipeline has no Resize with a scale; pass --input-size H W')
+
+
+def measure_complexity(results: WorkDirResults, input_size: Optional[Sequence[int]]) -> None:
+    """Set ``results.input_shape`` and ``results.complexity`` for its config's model, at
+    ``input_size`` (height, width) or else the test pipeline's size."""
+    config = results.config
+    init_default_scope(config.get('default_scope', 'mmdet'))
+    model_cfg = config.model.copy()
+    if model_cfg.get('backbone', {}).get('init_cfg'):
+        model_cfg.backbone.init_cfg = None  # the count needs the shapes, not the weights
+    detector = MODELS.build(model_cfg)
+    height, width = input_size if input_size else test_input_size(config)
+    results.input_shape = padded_input_shape(model_cfg, height, width)
+    rpn_test_cfg = (model_cfg.get('test_cfg') or {}).get('rpn') or {}
+    results.complexity = model_complexity(detector, *results.input_shape,
+                                          num_proposals=rpn_test_cfg.get('max_per_img', 1000))

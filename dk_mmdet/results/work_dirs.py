@@ -1,5 +1,4 @@
-"""What the work_dirs of tools/analysis_tools/collect_results.py say about each model, and the
-cells both of its kinds of table (single runs, seeds) write for a model.
+"""What the work_dirs of tools/train.py and tools/test.py runs say about each model.
 
 What is read is what mmengine writes under a work_dir for every run of tools/train.py and
 tools/test.py, in a ``<timestamp>/`` folder:
@@ -15,7 +14,7 @@ than once (validation during training, then tests), the newest evaluation counts
 are mmdet's CocoMetric (pycocotools) results, times 100.
 
 A work_dir whose sub-folders are ``seed<k>/`` (k = 0, 1, ...) is one model trained once per
-seed, each ``seed<k>/`` a work_dir as above (see seed_statistics.py for the layout of a study).
+seed, each ``seed<k>/`` a work_dir as above (docs/statistics.md shows the layout of a study).
 """
 import glob
 import json
@@ -23,11 +22,11 @@ import os.path as osp
 import re
 import statistics
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from mmengine.config import Config
 
-from deformation_bins import Bin, bin_aps_of_test_run
+from dk_mmdet.results.deformation_bins import Bin, bin_aps_of_test_run
 
 # (column name, CocoMetric key suffix) of the COCO summary, for each task CocoMetric reports.
 AP_COLUMNS = (('AP', 'mAP'), ('AP50', 'mAP_50'), ('AP75', 'mAP_75'), ('APs', 'mAP_s'),
@@ -47,7 +46,7 @@ class Evaluation:
 
 
 @dataclass
-class ModelResults:
+class WorkDirResults:
     """Everything one work_dir says about its model."""
     name: str
     work_dir: str
@@ -62,22 +61,19 @@ class ModelResults:
 
 
 @dataclass
-class SeededModel:
+class ResultsPerSeed:
     """One model trained once per seed: the results of each of its ``seed<k>/`` work_dirs."""
     name: str
-    seeds: Dict[int, ModelResults]  # seed index -> that seed's results
+    seeds: Dict[int, WorkDirResults]  # seed index -> that seed's results
 
     @property
-    def first(self) -> ModelResults:
+    def first(self) -> WorkDirResults:
         """The lowest seed's results, for what all seeds share: config, complexity."""
         return self.seeds[min(self.seeds)]
 
     def train_time_per_iter(self) -> Optional[float]:
         times = [time for seed in self.seeds.values() for time in seed.iteration_times]
         return statistics.median(times) if times else None
-
-
-# ---------------------------------------------------------------------------------- reading
 
 
 def single_evaluator(evaluator_cfg):
@@ -112,7 +108,7 @@ def read_json_lines(path: str) -> List[Dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_run(run_dir: str, results: ModelResults, num_bins: int = 0) -> None:
+def read_run(run_dir: str, results: WorkDirResults, num_bins: int = 0) -> None:
     """Add what one ``<timestamp>/`` run folder holds to ``results``; with ``num_bins``, the AP
     per deformation bin of the detections a test run wrote, if it wrote them."""
     timestamp = osp.basename(run_dir)
@@ -143,18 +139,18 @@ def read_run(run_dir: str, results: ModelResults, num_bins: int = 0) -> None:
                 _keep_newest(results, Evaluation(val_split, timestamp, metrics))
 
 
-def _keep_newest(results: ModelResults, evaluation: Evaluation) -> None:
+def _keep_newest(results: WorkDirResults, evaluation: Evaluation) -> None:
     known = results.evaluations.get(evaluation.split)
     if known is None or known.timestamp <= evaluation.timestamp:
         results.evaluations[evaluation.split] = evaluation
 
 
-def model_name(work_dir: str) -> str:
+def work_dir_name(work_dir: str) -> str:
     """A model is named after its work_dir: the folder's own name."""
     return osp.basename(osp.normpath(work_dir))
 
 
-def read_work_dir(work_dir: str, num_bins: int = 0) -> ModelResults:
+def read_work_dir(work_dir: str, num_bins: int = 0) -> WorkDirResults:
     """The results of every run in ``work_dir``; raises if it holds no mmengine run."""
     runs = sorted(path for path in glob.glob(osp.join(work_dir, '*'))
                   if osp.isdir(path) and RUN_FOLDER.match(osp.basename(path)))
@@ -164,7 +160,7 @@ def read_work_dir(work_dir: str, num_bins: int = 0) -> ModelResults:
         raise FileNotFoundError(
             f'{work_dir}: no run of tools/train.py or tools/test.py found (expected '
             f'<timestamp>/vis_data/config.py folders, as mmengine writes them)')
-    results = ModelResults(name=model_name(work_dir), work_dir=work_dir,
+    results = WorkDirResults(name=work_dir_name(work_dir), work_dir=work_dir,
                            config=Config.fromfile(configs[-1]))
     for run in runs:
         read_run(run, results, num_bins)
@@ -181,49 +177,7 @@ def seed_folders(work_dir: str) -> Dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def read_seeded_work_dir(work_dir: str, num_bins: int) -> SeededModel:
+def read_seed_work_dirs(work_dir: str, num_bins: int) -> ResultsPerSeed:
+    """The results of each ``seed<k>/`` work_dir of ``work_dir``, one model."""
     seeds = {k: read_work_dir(path, num_bins) for k, path in seed_folders(work_dir).items()}
-    return SeededModel(name=model_name(work_dir), seeds=seeds)
-
-
-# ------------------------------------------------------------------------ cells of a model
-
-
-def complexity_columns(results: ModelResults, train_time: Optional[float]) -> Dict:
-    complexity = results.complexity
-    return {'params (M)': complexity['params'] / 1e6 if complexity else None,
-            'GMACs': complexity['macs'] / 1e9 if complexity else None,
-            'input': 'x'.join(map(str, results.input_shape)) if results.input_shape else None,
-            'train s/iter': train_time}
-
-
-def format_cell(value, column: str) -> str:
-    if value is None:
-        return 'n/a' if column in ('params (M)', 'GMACs', 'train s/iter', 'input') else '-'
-    if isinstance(value, float):
-        return f'{value:.2f}' if column in ('params (M)', 'GMACs', 'train s/iter') else (
-            f'{value:.1f}')
-    return str(value)
-
-
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> List[str]:
-    """Lines of a Markdown table, the first column left-aligned, the others right; then ''."""
-    return (['| ' + ' | '.join(header) + ' |',
-             '|' + '|'.join(['---'] + ['---:'] * (len(header) - 1)) + '|'] +
-            ['| ' + ' | '.join(cells) + ' |' for cells in body] + [''])
-
-
-def column_notes(models: Sequence[ModelResults]) -> List[str]:
-    """What the AP, GMACs and train s/iter columns hold; the operators left out of the GMACs."""
-    uncounted = sorted({op for model in models if model.complexity
-                        for op in model.complexity['uncounted_ops']})
-    lines = [
-        'AP: COCO metrics (pycocotools, via mmdet\'s CocoMetric) x 100. '
-        'GMACs: multiply-accumulates of one test forward of a single image of the input '
-        'size shown (after padding), two-stage detectors with test_cfg.rpn.max_per_img '
-        'proposals; DK and DCN layers counted as in tools/analysis_tools/model_complexity.py. '
-        'train s/iter: median logged time of a training iteration (data loading included).',
-    ]
-    if uncounted:
-        lines.append('Not counted in GMACs: ' + ', '.join(f'`{op}`' for op in uncounted) + '.')
-    return lines
+    return ResultsPerSeed(name=work_dir_name(work_dir), seeds=seeds)

@@ -1,0 +1,68 @@
+"""How the shapes study (tools/run_study.py) names its models, and the compact tables of
+docs/shapes.md that it writes from each protocol's summary CSV.
+
+A model is a configs/shapes config, ``<detector>_<variant>_shapes``: the detector
+(``faster-rcnn``, ``mask-rcnn``) and the conv variant of stages c3-c5 (``r50_fpn``: rigid,
+``r50-dk-c3-c5_fpn``: local DK, ...). The tables call a variant by its label (``DK``).
+"""
+import csv
+import os.path as osp
+from typing import Dict
+
+from dk_mmdet.results.tables import difference_text
+
+RIGID = 'r50_fpn'
+VARIANT_LABELS = {RIGID: 'rigid', 'r50-dconv-c3-c5_fpn': 'DCN', 'r50-mdconv-c3-c5_fpn': 'DCNv2',
+                  'r50-dk-c3-c5_fpn': 'DK', 'r50-dk-global-c3-c5_fpn': 'DK-global',
+                  'r50-dk-dconv-c3-c5_fpn': 'DK+DCN'}
+PROTOCOLS = ('finetune', 'scratch')
+
+
+def shapes_config_name(detector: str, variant: str) -> str:
+    """'faster-rcnn_r50-dk-c3-c5_fpn_shapes' for ('faster-rcnn', 'r50-dk-c3-c5_fpn')."""
+    return f'{detector}_{variant}_shapes'
+
+
+def variant_label(config_name: str) -> str:
+    """'DK' for faster-rcnn_r50-dk-c3-c5_fpn_shapes."""
+    _, variant = config_name[:-len('_shapes')].split('_', 1)
+    return VARIANT_LABELS[variant]
+
+
+def summary_tables(root: str) -> str:
+    """The compact tables of docs/shapes.md, from each protocol's ``ROOT/<protocol>/results.csv``
+    (:func:`dk_mmdet.results.study_tables.write_summary_csv`): per detector and task, each
+    variant's AP on val and test_hard (mean ± sd over seeds) and its difference to rigid, paired
+    by seed, with the 95% t-interval (bold where it excludes 0)."""
+    lines = []
+    for protocol in PROTOCOLS:
+        with open(osp.join(root, protocol, 'results.csv')) as f:
+            rows = [row for row in csv.DictReader(f) if row['metric'] == 'AP' and not row['bin']]
+        for detector, task in (('faster-rcnn', 'bbox'), ('mask-rcnn', 'bbox'),
+                               ('mask-rcnn', 'segm')):
+            cells = {(row['model'], row['split']): row for row in rows
+                     if row['task'] == task and row['model'].startswith(detector)}
+            models = list(dict.fromkeys(model for model, _ in cells))
+            if not models:
+                continue
+            lines += [f'{protocol}, {detector}, {task} AP:', '',
+                      '| conv2 in c3-c5 | seeds | val | Δ val [95% CI] | test_hard | '
+                      'Δ test_hard [95% CI] |', '|---|---:|---:|---:|---:|---:|']
+            for model in models:
+                row = [variant_label(model), cells[(model, 'val')]['seeds']]
+                for split in ('val', 'test_hard'):
+                    cell = cells[(model, split)]
+                    row.append(f"{cell['mean']} ± {cell['sd']}" if cell['sd'] else cell['mean'])
+                    row.append(summary_difference_cell(cell))
+                lines.append('| ' + ' | '.join(row) + ' |')
+            lines.append('')
+    return '\n'.join(lines)
+
+
+def summary_difference_cell(cell: Dict[str, str]) -> str:
+    """'+0.5 [-0.7, +1.7]' from a summary CSV line; in bold when the interval excludes 0."""
+    if not cell['difference']:
+        return ''
+    low, high = (float(cell[key]) if cell[key] else None for key in ('ci95_low', 'ci95_high'))
+    text = difference_text(float(cell['difference']), low, high)
+    return f'**{text}**' if low is not None and (low > 0 or high < 0) else text
