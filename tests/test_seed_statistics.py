@@ -216,16 +216,6 @@ def test_the_summary_follows_from_the_values_of_every_run(tmp_path):
     check_ap_summary(runs_path, summary_path)
 
 
-@pytest.mark.parametrize('protocol', ['finetune', 'scratch'])
-def test_committed_study_summaries_follow_from_every_run(protocol):
-    runs_path = osp.join(STUDY_DOCS, f'{protocol}_runs.csv')
-    if not osp.exists(runs_path):
-        pytest.skip(f'docs/study/{protocol}_runs.csv is not committed: the per-seed values of '
-                    f'docs/study/{protocol}.csv are gone; `make compare` writes them to '
-                    f'work_dirs/study/{protocol}/results_runs.csv')
-    check_ap_summary(runs_path, osp.join(STUDY_DOCS, f'{protocol}.csv'))
-
-
 def test_committed_erf_slope_summaries_follow_from_every_seeds_slope():
     """docs/study/erf_seeds_runs.csv holds each seed's slope as erf_seeds.csv printed it, to 3
     decimals, while the means, sds and intervals were computed from the slopes in full: each
