@@ -14,13 +14,14 @@ from mmengine.config import Config
 from torch import nn
 
 import dk_mmdet
+from tool_modules import load_tool
 from work_dir_fixtures import (COCO_VAL, REPO_ROOT, SHAPES_HARD, SHAPES_VAL, coco_logged,
-                               evaluator_config, load_tool, model_config, read_csv, train_lines,
-                               write_run, write_seeds)
+                               evaluator_config, model_config, read_csv, train_lines, write_run,
+                               write_seeds)
 
-collect_results = load_tool('collect_results')
-model_complexity = load_tool('model_complexity')
-model_results = load_tool('model_results')
+collect_results = load_tool('analysis_tools/collect_results.py')
+model_complexity = load_tool('analysis_tools/model_complexity.py')
+model_results = load_tool('analysis_tools/model_results.py')
 
 
 # ---------------------------------------------------------------------------- single runs

@@ -14,10 +14,11 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from work_dir_fixtures import coco_logged, load_tool, model_config, read_csv, write_run
+from tool_modules import load_tool
+from work_dir_fixtures import coco_logged, model_config, read_csv, write_run
 
-collect_results = load_tool('collect_results')
-deformation_bins = load_tool('deformation_bins')
+collect_results = load_tool('analysis_tools/collect_results.py')
+deformation_bins = load_tool('analysis_tools/deformation_bins.py')
 
 
 def ground_truth_file(path, stretches, boxes, categories=1, image_ids=None):

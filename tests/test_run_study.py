@@ -13,10 +13,10 @@ from mmengine.config import Config
 from mmengine.runner import load_checkpoint
 
 import dk_mmdet  # noqa: F401  (registers the DK layers)
-from mmdet_fixtures import load_tool
-from test_init_parity import build_with_seed
+from mmdet_fixtures import build_with_seed
+from tool_modules import load_tool
 
-run_study = load_tool('run_study.py', 'run_study')
+run_study = load_tool('run_study.py')
 
 FINETUNE_MODELS = sorted({run.model for run in run_study.study_runs(3)
                           if run.protocol == 'finetune'})

@@ -10,10 +10,11 @@ import shutil
 
 import pytest
 
-from work_dir_fixtures import load_tool, read_csv, write_seeds
+from tool_modules import load_tool
+from work_dir_fixtures import read_csv, write_seeds
 
-collect_results = load_tool('collect_results')
-seed_statistics = load_tool('seed_statistics')
+collect_results = load_tool('analysis_tools/collect_results.py')
+seed_statistics = load_tool('analysis_tools/seed_statistics.py')
 
 # Two-sided 95% critical value of Student's t with 2 degrees of freedom, as printed in t tables
 # (e.g. NIST/SEMATECH e-Handbook of Statistical Methods, section 1.3.6.7.2, "Critical values of
