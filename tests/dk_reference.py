@@ -1,5 +1,6 @@
 """A slow, obvious float64 reference of ``dk_ops.deform_kernel_conv2d``, the random
-problems the op tests run on, and the mmcv oracle for the deformable-convolution ones.
+problems the op tests run on (``problems_named`` picks some), and the mmcv oracle for the
+deformable-convolution ones.
 
 The reference follows the operator's formula term by term:
 
@@ -234,6 +235,58 @@ DCN_PROBLEMS = [
             dilation=(2, 2), groups=2, deform_groups=2, out_channels=6, kernel_offset_range=0,
             data_offset=True, mask=True),
 ]
+
+
+# Shapes for the CUDA work split that the CPU matrix (4 channels) does not reach: offset
+# groups of more channels than a warp has lanes (and not a multiple of 32), kernel and
+# deform group blocks that cut each other, scopes of more than 16 cells (two passes of the
+# scope-column kernel), padded strided grids where some taps read no pixel, and the global
+# path's chunks of scope entries.
+CUDA_PROBLEMS = [
+    Problem('wide_k3_scope4', batch=3, in_channels=72, out_channels=40, input_size=(13, 11)),
+    Problem('wide_scope5_groups2_kgroups2_dgroups3_dcn_mask', in_channels=66, out_channels=8,
+            scope_size=(5, 5), input_size=(10, 9), groups=2, kernel_offset_groups=2,
+            deform_groups=3, data_offset=True, mask=True),
+    Problem('wide_kgroups3_dgroups2_dcn', in_channels=36, out_channels=12, kernel_offset_groups=3,
+            deform_groups=2, data_offset=True),
+    Problem('wide_k3x2_scope6x5_stride2_dil2_mask', in_channels=48, out_channels=16,
+            kernel_size=(3, 2), scope_size=(6, 5), input_size=(12, 9), stride=(2, 2),
+            padding=(2, 1), dilation=(2, 2), mask=True),
+    Problem('wide_k1_scope3_pad2_stride3', in_channels=40, out_channels=24, kernel_size=(1, 1),
+            scope_size=(3, 3), input_size=(11, 10), stride=(3, 3), padding=(2, 2)),
+    Problem('wide_global_dcn_mask', in_channels=40, out_channels=24, global_offset=True,
+            data_offset=True, mask=True),
+    # The global path's kernels: kernel offset groups that span conv groups, of more scope
+    # entries (18 channels x 16 outputs) than one warp of the offset gradient sums (256), and
+    # 25 scope cells (two passes of the weight gradient).
+    Problem('wide_global_scope5_groups3_kgroups2', in_channels=36, out_channels=48,
+            scope_size=(5, 5), groups=3, kernel_offset_groups=2, global_offset=True),
+]
+
+
+def problems_named(*names):
+    """The problems of ``PROBLEMS`` and ``CUDA_PROBLEMS`` with these names, in that order; a name
+    that is in neither raises, so that a renamed problem cannot drop out of a test unseen."""
+    unknown = set(names) - {problem.name for problem in PROBLEMS + CUDA_PROBLEMS}
+    if unknown:
+        raise ValueError(f'no problems named {sorted(unknown)}')
+    return [problem for problem in PROBLEMS + CUDA_PROBLEMS if problem.name in names]
+
+
+# Problems whose columns split into chunks inside image rows and images (batch 3).
+CHUNK_BOUNDARY_PROBLEMS = [
+    dataclasses.replace(problem, batch=3)
+    for problem in problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'stride2_dilation2_pad2',
+                                  'groups2_kgroups2', 'mask_only',
+                                  'data_offset_mask_dgroups2_groups2',
+                                  'global_data_offset_mask_dgroups2')
+]
+
+# Problems for half and bfloat16, on CUDA and on the emulated CUDA kernels.
+REDUCED_PRECISION_PROBLEMS = problems_named(
+    'k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2',
+    'global_data_offset_mask_dgroups2', 'wide_k3_scope4',
+    'wide_scope5_groups2_kgroups2_dgroups3_dcn_mask')
 
 
 def by_name(problems):

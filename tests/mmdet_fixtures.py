@@ -6,41 +6,34 @@ configs import this module (``custom_imports``) for the hooks below, so it must 
 import and the subprocesses get ``tests/`` on ``PYTHONPATH``.
 """
 import glob
-import importlib.util
 import json
 import os
 import os.path as osp
 import pickle
 import signal
 import socket
+import subprocess
 import sys
 
 import numpy as np
 import torch
 from mmengine.dist import get_rank, get_world_size
 from mmengine.hooks import Hook
-from mmengine.registry import HOOKS
+from mmengine.registry import HOOKS, init_default_scope
+
+from tool_modules import load_tool
 
 TESTS_DIR = osp.dirname(osp.abspath(__file__))
 REPO_ROOT = osp.dirname(TESTS_DIR)
 CONFIG_DIR = osp.join(REPO_ROOT, 'configs', 'dk')
-TOOLS_DIR = osp.join(REPO_ROOT, 'tools')
 # Environment variable read by KillAfterIterHook: the iteration after which to die.
 KILL_AFTER_ITER_ENV = 'DK_TEST_KILL_AFTER_ITER'
 IMAGE_SIZE = 64
 
 
-def load_tool(relative_path: str, module_name: str):
-    """A script under tools/ as a module (tools/ is not an installed package)."""
-    spec = importlib.util.spec_from_file_location(module_name, osp.join(TOOLS_DIR, relative_path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_make_shapes():
     """tools/data/make_shapes.py as a module."""
-    return load_tool(osp.join('data', 'make_shapes.py'), 'make_shapes')
+    return load_tool('data/make_shapes.py')
 
 
 def make_shapes_dataset(out_dir: str, num_train: int = 4, num_val: int = 2) -> tuple:
@@ -157,10 +150,33 @@ def tool_environment() -> dict:
     return env
 
 
+def run(command, env=None, expect_success=True):
+    """``command`` run from the repository root, by default in ``tool_environment()``; unless
+    told otherwise, a non-zero exit raises with the ends of its output."""
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env or tool_environment(),
+                            capture_output=True, text=True, timeout=900)
+    if expect_success and result.returncode != 0:
+        raise AssertionError(f'{command} exited with {result.returncode}\n'
+                             f'stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}')
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
+
+
+def build_with_seed(cfg, seed=0):
+    """The mmdet model of ``cfg``, built and initialised after seeding torch with ``seed``, in
+    eval mode."""
+    from mmdet.registry import MODELS
+    init_default_scope('mmdet')
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg)
+    model.init_weights()
+    model.eval()  # mmdet's ResNet.train() returns None, so no chaining
+    return model
 
 
 # mmdet's CocoMetric names of COCOeval.stats[0:6]

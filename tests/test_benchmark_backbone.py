@@ -17,9 +17,9 @@ torchvision = pytest.importorskip(
     '(make cuda-check runs this test in .venv-cuda)')
 
 import dk_ops  # noqa: E402
-from work_dir_fixtures import load_tool  # noqa: E402
+from tool_modules import load_tool  # noqa: E402
 
-benchmark_backbone = load_tool('benchmark_backbone')
+benchmark_backbone = load_tool('analysis_tools/benchmark_backbone.py')
 
 # The class of the conv2 of layer2-4 in each variant.
 LAYER_CLASSES = {

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from work_dir_fixtures import load_tool
+from tool_modules import load_tool
 
-benchmark_op = load_tool('benchmark_op')
+benchmark_op = load_tool('analysis_tools/benchmark_op.py')
 
 DK_CASES = ['DK local, scope 3', 'DK local, scope 4', 'DK global, scope 4', 'DK+DCN, scope 4']
 

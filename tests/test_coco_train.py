@@ -16,10 +16,10 @@ import torch
 from mmengine.config import Config
 
 from dk_mmdet.checkpoints import setup_checkpoint_serialization
-from mmdet_fixtures import (CONFIG_DIR, IMAGENET_CHECKPOINT_URLS, METRIC_NAMES, TOOLS_DIR,
-                            make_coco_layout_dataset, reported_metrics, tool_environment,
+from mmdet_fixtures import (CONFIG_DIR, IMAGENET_CHECKPOINT_URLS, METRIC_NAMES,
+                            make_coco_layout_dataset, reported_metrics, run, tool_environment,
                             torchvision_resnet_state_dict, write_hub_checkpoint)
-from test_mmdet_tools import run
+from tool_modules import TOOLS_DIR
 
 TRAIN = osp.join(TOOLS_DIR, 'train.py')
 TEST = osp.join(TOOLS_DIR, 'test.py')

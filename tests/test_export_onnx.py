@@ -25,14 +25,15 @@ from dk_mmdet.config_loading import load_config
 from dk_ops.export import ONNX_OPSET, deform_kernel_conv2d_decomposition, export_onnx
 from dk_ops.modules import OffsetConv2d, OffsetLinear
 from dk_reference import DCN_PROBLEMS, PROBLEMS, by_name
-from mmdet_fixtures import CONFIG_DIR, load_tool
+from mmdet_fixtures import CONFIG_DIR
+from tool_modules import load_tool
 
 ONNX_RELATIVE_TOLERANCE = 1e-4
 DK_R50_CONFIG = osp.join(CONFIG_DIR, 'faster-rcnn_r50-dk-c3-c5_fpn_1x_coco.py')
 
 
 def load_export_tool():
-    return load_tool(osp.join('deployment', 'export_onnx.py'), 'export_onnx_tool')
+    return load_tool('deployment/export_onnx.py')
 
 
 def decomposed(input, weight, kernel_offset, bias=None, *, kernel_size, stride, padding,

@@ -19,7 +19,7 @@ from torch import nn
 import dk_mmdet
 import dk_ops
 from dk_ops.weight_mapping import scope_to_rigid
-from mmdet_fixtures import REPO_ROOT
+from mmdet_fixtures import REPO_ROOT, build_with_seed
 
 VARIANT_LAYERS = (dk_mmdet.DKConv2d, dk_mmdet.DKGlobalConv2d, dk_mmdet.DKDCNConv2d,
                   dk_mmdet.DKDCNv2Conv2d, dk_mmdet.CondConv2d)
@@ -69,16 +69,6 @@ def assert_starts_as_rigid(variant: nn.Module, rigid: nn.Module):
             else:
                 assert '.routing.' in full_name, f'{full_name} has no rigid counterpart'
     assert matched == set(rigid_params)
-
-
-def build_with_seed(cfg, seed=0):
-    from mmdet.registry import MODELS
-    init_default_scope('mmdet')
-    torch.manual_seed(seed)
-    model = MODELS.build(cfg)
-    model.init_weights()
-    model.eval()  # mmdet's ResNet.train() returns None, so no chaining
-    return model
 
 
 # ------------------------------------------------------------------------------ the modules

@@ -10,7 +10,6 @@ import os.path as osp
 import pickle
 import runpy
 import signal
-import subprocess
 import sys
 import types
 
@@ -23,22 +22,13 @@ from mmengine.registry import DefaultScope
 import dk_mmdet.distributed as distributed
 from dk_mmdet.checkpoints import CHECKPOINT_SAFE_GLOBALS, setup_checkpoint_serialization
 from dk_mmdet.config_loading import load_config
-from mmdet_fixtures import (KILL_AFTER_ITER_ENV, METRIC_NAMES, REPO_ROOT, TOOLS_DIR,
-                            assert_metrics_match_pycocotools, free_port, reported_metrics,
-                            tool_environment, write_tiny_config)
+from mmdet_fixtures import (KILL_AFTER_ITER_ENV, METRIC_NAMES, assert_metrics_match_pycocotools,
+                            free_port, reported_metrics, run, tool_environment, write_tiny_config)
+from tool_modules import TOOLS_DIR
 
 TRAIN = osp.join(TOOLS_DIR, 'train.py')
 TEST = osp.join(TOOLS_DIR, 'test.py')
 MAX_ITERS = 4
-
-
-def run(command, env=None, expect_success=True):
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env or tool_environment(),
-                            capture_output=True, text=True, timeout=900)
-    if expect_success and result.returncode != 0:
-        raise AssertionError(f'{command} exited with {result.returncode}\n'
-                             f'stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}')
-    return result
 
 
 def train(config, work_dir, data_root, *extra, env=None, expect_success=True):

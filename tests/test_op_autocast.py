@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import dk_ops
-from dk_reference import by_name, deform_kernel_conv2d_reference, output_and_gradients
-from test_op_backward import problems_named
+from dk_reference import (by_name, deform_kernel_conv2d_reference, output_and_gradients,
+                          problems_named)
 
 
 def cast_to(dtype, tensors):

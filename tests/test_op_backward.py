@@ -8,29 +8,11 @@ import pytest
 import torch
 
 import dk_ops
-from dk_reference import (DCN_PROBLEMS, PROBLEMS, Problem, by_name,
+from dk_reference import (CHUNK_BOUNDARY_PROBLEMS, DCN_PROBLEMS, PROBLEMS, Problem, by_name,
                           deform_kernel_conv2d_reference, mmcv_deformable_conv, non_contiguous,
-                          output_and_gradients)
-
-TOLERANCE = {
-    torch.float64: dict(rtol=1e-7, atol=1e-7),
-    torch.float32: dict(rtol=1e-4, atol=1e-4),
-}
-TENSOR_ARGUMENTS = ('input', 'weight', 'kernel_offset', 'data_offset', 'mask', 'bias')
-
-
-def problems_named(*names):
-    found = [problem for problem in PROBLEMS if problem.name in names]
-    assert len(found) == len(names), f'no problems named {set(names) - {p.name for p in found}}'
-    return found
-
-
-def assert_gradients_close(actual, expected, **tolerance):
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        assert actual[name] is not None, f'no gradient for {name}'
-        torch.testing.assert_close(actual[name].double(), expected[name].double(), **tolerance,
-                                   msg=lambda message, name=name: f'{name}: {message}')
+                          output_and_gradients, problems_named)
+from op_arguments import TENSOR_ARGUMENTS, backward_op_args, forward_op_args
+from op_comparison import TOLERANCE, assert_gradients_close, off_the_kinks
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
@@ -117,16 +99,6 @@ def test_empty_batch_gradients(problem):
         assert not gradient.any(), name
 
 
-# Problems whose columns split into chunks inside image rows and images (batch 3).
-CHUNK_BOUNDARY_PROBLEMS = [
-    dataclasses.replace(problem, batch=3)
-    for problem in problems_named('k3x2_scope5x4_stride2x1_dil1x2', 'stride2_dilation2_pad2',
-                                  'groups2_kgroups2', 'mask_only',
-                                  'data_offset_mask_dgroups2_groups2',
-                                  'global_data_offset_mask_dgroups2')
-]
-
-
 @pytest.mark.parametrize('columns_per_chunk', [1, 7])
 @by_name(CHUNK_BOUNDARY_PROBLEMS)
 def test_small_column_chunks_give_the_same_gradients(problem, columns_per_chunk, monkeypatch):
@@ -181,14 +153,6 @@ def test_bfloat16_gradients_close_to_reference(problem):
                                    atol=5e-2 * scale, msg=lambda m, name=name: f'{name}: {m}')
 
 
-def off_the_kinks(offset):
-    """bfloat16 rounds some random offsets to multiples of 0.5, which put their sampling
-    points on integers (tap positions are multiples of 0.5), where bilinear sampling
-    has a kink and two valid one-sided derivatives: move those offsets off it."""
-    on_kink = (offset.double() * 2).frac() == 0
-    return torch.where(on_kink, offset + 0.125, offset)
-
-
 # The global fast path sums the weight gradient over images, and the kernel-offset gradient over
 # the scope blocks of a kernel offset group (one per channel when depthwise). Same-signed
 # terms (positive input, all-ones output gradient) make a bfloat16 running sum drift. Only
@@ -229,13 +193,6 @@ def test_bfloat16_global_gradients_sum_in_float32(problem, device):
 
 
 # ----------------------------------------------------------------------------- backward op
-def backward_op_args(problem, tensors, grad_output, output_mask):
-    return (grad_output, tensors['input'], tensors['weight'], tensors['kernel_offset'],
-            tensors['data_offset'], tensors['mask'], list(problem.kernel_size),
-            list(problem.stride), list(problem.padding), list(problem.dilation), problem.groups,
-            problem.kernel_offset_groups, problem.deform_groups, output_mask)
-
-
 @by_name(problems_named('k3_scope4_local', 'data_offset_mask_dgroups2_groups2',
                         'global_data_offset_mask_dgroups2'))
 def test_backward_op_honours_output_mask(problem):
@@ -290,13 +247,6 @@ def test_create_graph_alone_gives_the_first_derivatives():
 
 
 # ----------------------------------------------------------------------------- registration
-def forward_op_args(problem, tensors):
-    return (tensors['input'], tensors['weight'], tensors['kernel_offset'],
-            tensors['data_offset'], tensors['mask'], tensors['bias'], list(problem.kernel_size),
-            list(problem.stride), list(problem.padding), list(problem.dilation), problem.groups,
-            problem.kernel_offset_groups, problem.deform_groups)
-
-
 def contiguous(name, tensor):
     return tensor
 

@@ -3,54 +3,23 @@ other op tests hold to the float64 reference) in float64, gradcheck, half and bf
 against float32, opcheck, ``torch.compile``, autocast and deterministic mode.
 
 Every test needs a CUDA GPU; without one the module is skipped, saying so."""
-import contextlib
 import dataclasses
 
 import pytest
 import torch
 
 import dk_ops
-from dk_reference import PROBLEMS, Problem, by_name, non_contiguous, output_and_gradients
-from test_op_backward import backward_op_args, forward_op_args, off_the_kinks
+from determinism import deterministic_algorithms
+from dk_reference import (CUDA_PROBLEMS, PROBLEMS, REDUCED_PRECISION_PROBLEMS, by_name,
+                          non_contiguous, output_and_gradients, problems_named)
+from op_arguments import TENSOR_ARGUMENTS, backward_op_args, forward_op_args
+from op_comparison import assert_gradients_close, assert_reduced_precision_close_to_float32
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason='no CUDA GPU on this machine: the CUDA kernels are only compiled here (make cuda-check)')
 
 CUDA = torch.device('cuda')
-TENSOR_ARGUMENTS = ('input', 'weight', 'kernel_offset', 'data_offset', 'mask', 'bias')
-
-# Shapes for the CUDA work split that the CPU matrix (4 channels) does not reach: offset
-# groups of more channels than a warp has lanes (and not a multiple of 32), kernel and
-# deform group blocks that cut each other, scopes of more than 16 cells (two passes of the
-# scope-column kernel), padded strided grids where some taps read no pixel, and the global
-# path's chunks of scope entries.
-CUDA_PROBLEMS = [
-    Problem('wide_k3_scope4', batch=3, in_channels=72, out_channels=40, input_size=(13, 11)),
-    Problem('wide_scope5_groups2_kgroups2_dgroups3_dcn_mask', in_channels=66, out_channels=8,
-            scope_size=(5, 5), input_size=(10, 9), groups=2, kernel_offset_groups=2,
-            deform_groups=3, data_offset=True, mask=True),
-    Problem('wide_kgroups3_dgroups2_dcn', in_channels=36, out_channels=12, kernel_offset_groups=3,
-            deform_groups=2, data_offset=True),
-    Problem('wide_k3x2_scope6x5_stride2_dil2_mask', in_channels=48, out_channels=16,
-            kernel_size=(3, 2), scope_size=(6, 5), input_size=(12, 9), stride=(2, 2),
-            padding=(2, 1), dilation=(2, 2), mask=True),
-    Problem('wide_k1_scope3_pad2_stride3', in_channels=40, out_channels=24, kernel_size=(1, 1),
-            scope_size=(3, 3), input_size=(11, 10), stride=(3, 3), padding=(2, 2)),
-    Problem('wide_global_dcn_mask', in_channels=40, out_channels=24, global_offset=True,
-            data_offset=True, mask=True),
-    # The global path's kernels: kernel offset groups that span conv groups, of more scope
-    # entries (18 channels x 16 outputs) than one warp of the offset gradient sums (256), and
-    # 25 scope cells (two passes of the weight gradient).
-    Problem('wide_global_scope5_groups3_kgroups2', in_channels=36, out_channels=48,
-            scope_size=(5, 5), groups=3, kernel_offset_groups=2, global_offset=True),
-]
-
-
-def problems_named(*names):
-    found = [problem for problem in PROBLEMS + CUDA_PROBLEMS if problem.name in names]
-    assert len(found) == len(names)
-    return found
 
 
 def to_cuda(name, tensor):
@@ -60,26 +29,6 @@ def to_cuda(name, tensor):
 def cuda_inputs(problem, dtype=torch.float32):
     return {name: None if t is None else t.to(CUDA)
             for name, t in problem.make_inputs(dtype).items()}
-
-
-def assert_gradients_close(actual, expected, **tolerance):
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        assert actual[name] is not None, f'no gradient for {name}'
-        torch.testing.assert_close(actual[name].double().cpu(), expected[name].double().cpu(),
-                                   **tolerance, msg=lambda message, name=name: f'{name}: {message}')
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(warn_only=False):
-    # cuBLAS GEMMs refuse deterministic mode unless their workspace is pinned down.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-        torch.use_deterministic_algorithms(True, warn_only=warn_only)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(False)
 
 
 # ----------------------------------------------------------------------------- parity with CPU
@@ -208,44 +157,6 @@ def test_gradcheck_on_cuda(problem):
 
 
 # ----------------------------------------------------------------------------- half, bfloat16
-# Each sum runs in float32; what separates the result from float32 on the same rounded inputs
-# is the rounding of the scope columns, their gradient and the GEMM outputs to the dtype
-# (unit roundoff 2**-11 for float16, 2**-8 for bfloat16), relative to the largest value.
-REDUCED_PRECISION_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-REDUCED_PRECISION_PROBLEMS = problems_named(
-    'k3_scope4_local', 'global', 'data_offset_mask_dgroups2_groups2',
-    'global_data_offset_mask_dgroups2', 'wide_k3_scope4',
-    'wide_scope5_groups2_kgroups2_dgroups3_dcn_mask')
-
-
-def assert_reduced_precision_close_to_float32(problem, dtype, view):
-    """The op's output and gradients in ``dtype`` against float32 on the same rounded inputs,
-    with ``view(name, tensor)`` putting each tensor where the kernels run."""
-    tensors = {name: None if t is None else view(name, t)
-               for name, t in problem.make_inputs(dtype).items()}
-    for name in ('kernel_offset', 'data_offset'):  # rounding may put points on the kinks
-        if tensors[name] is not None:
-            tensors[name] = off_the_kinks(tensors[name])
-    output, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
-                                             view=view)
-    as_float32 = {name: None if t is None else t.float() for name, t in tensors.items()}
-
-    def rounded_grad_output(name, tensor):  # float32 sees the same rounded grad_output too
-        return view(name, tensor.to(dtype).float() if name == 'grad_output' else tensor)
-
-    expected_output, expected = output_and_gradients(problem, dk_ops.deform_kernel_conv2d,
-                                                     as_float32, view=rounded_grad_output)
-    assert output.dtype == dtype and all(g.dtype == dtype for g in gradients.values())
-    tolerance = REDUCED_PRECISION_TOLERANCE[dtype]
-    for name, actual, wanted in [('output', output, expected_output)] + [
-            (name, gradients[name], expected[name]) for name in expected]:
-        scale = wanted.abs().max().item()
-        torch.testing.assert_close(actual.float(), wanted, rtol=tolerance, atol=tolerance * scale,
-                                   msg=lambda message, name=name: f'{name}: {message}')
-
-
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
 @by_name(REDUCED_PRECISION_PROBLEMS)
 def test_reduced_precision_close_to_float32(problem, dtype):

@@ -1,13 +1,9 @@
-"""The CUDA kernels of ``dk_ops.deform_kernel_conv2d`` executed on a CPU, against the float64
-reference over the op tests' problem matrix.
+"""The CUDA kernels of ``dk_ops.deform_kernel_conv2d`` executed on a CPU (emulated_cuda.py),
+against the float64 reference over the op tests' problem matrix.
 
-``dk_ops._C_emulated_cuda`` is the GPU's kernel source
-(dk_ops/csrc/cuda/deform_kernel_conv2d_cuda.cu) compiled for host threads: every thread of each
-launch runs, with the lanes of a warp in lock-step at their shuffles
-(dk_ops/csrc/emulated_cuda/emulated_cuda.h). The op runs as users call it, through ``dk_ops.deform_kernel_conv2d``, its autograd formula and the shared driver; only the
-forward and backward ops, below autograd, are sent to the emulated CUDA launchers."""
-import collections
-import contextlib
+The op runs as users call it, through ``dk_ops.deform_kernel_conv2d``, its autograd formula and
+the shared driver; only the forward and backward ops, below autograd, are sent to the emulated
+CUDA launchers."""
 import dataclasses
 
 import pytest
@@ -15,54 +11,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dk_ops
-import dk_ops._C_emulated_cuda  # noqa: F401  (registers torch.ops.dk_ops_emulated_cuda)
-from dk_reference import (DCN_PROBLEMS, PROBLEMS, by_name, deform_kernel_conv2d_reference,
-                          output_and_gradients)
-from test_op_backward import (CHUNK_BOUNDARY_PROBLEMS, TENSOR_ARGUMENTS, TOLERANCE,
-                              assert_gradients_close)
-from test_op_cuda import (CUDA_PROBLEMS, REDUCED_PRECISION_PROBLEMS,
-                          assert_reduced_precision_close_to_float32, problems_named)
-
-
-class EmulatedCudaKernels(TorchDispatchMode):
-    """Runs the ``torch.ops.dk_ops`` ops called under it on the emulated CUDA launchers of
-    ``torch.ops.dk_ops_emulated_cuda`` instead of the CPU kernels, and counts them; under the mode
-    ``inside`` if given, which then sees the ATen ops those launchers call (a mode is off while
-    its own handler runs, and so are those below it)."""
-
-    def __init__(self, inside=None):
-        super().__init__()
-        self.calls = collections.Counter()
-        self.inside = inside
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace != 'dk_ops':
-            return func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        self.calls[name] += 1
-        emulated = getattr(torch.ops.dk_ops_emulated_cuda, name).default
-        if self.inside is None:
-            return emulated(*args, **(kwargs or {}))
-        with self.inside:  # straight to the kernel, so that `inside` sees what it calls
-            return emulated.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args,
-                                       **(kwargs or {}))
-
-
-def emulated_output_and_gradients(problem, tensors, **kwargs):
-    """``output_and_gradients`` of the op, its forward and backward run by the CUDA kernels."""
-    with EmulatedCudaKernels() as emulated:
-        result = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors, **kwargs)
-    assert emulated.calls == {'deform_kernel_conv2d': 1, 'deform_kernel_conv2d_backward': 1}
-    return result
-
-
-def assert_matches_reference(problem, tensors, tolerance, **kwargs):
-    output, gradients = emulated_output_and_gradients(problem, tensors, **kwargs)
-    expected_output, expected = output_and_gradients(problem, deform_kernel_conv2d_reference,
-                                                     tensors, **kwargs)
-    assert output.dtype == tensors['input'].dtype
-    torch.testing.assert_close(output.double(), expected_output, **tolerance)
-    assert_gradients_close(gradients, expected, **tolerance)
+from determinism import deterministic_algorithms
+from dk_reference import (CHUNK_BOUNDARY_PROBLEMS, CUDA_PROBLEMS, DCN_PROBLEMS, PROBLEMS,
+                          REDUCED_PRECISION_PROBLEMS, by_name, deform_kernel_conv2d_reference,
+                          output_and_gradients, problems_named)
+from emulated_cuda import (EmulatedCudaKernels, assert_matches_reference,
+                           emulated_output_and_gradients)
+from op_arguments import TENSOR_ARGUMENTS
+from op_comparison import (TOLERANCE, assert_gradients_close,
+                           assert_reduced_precision_close_to_float32)
 
 
 # PROBLEMS has every feature of the op at 4 channels (its global problems without data offsets
@@ -153,15 +110,6 @@ def test_reduced_precision_close_to_float32(problem, dtype):
     with EmulatedCudaKernels() as emulated:
         assert_reduced_precision_close_to_float32(problem, dtype, view=lambda name, t: t)
     assert emulated.calls == {'deform_kernel_conv2d': 2, 'deform_kernel_conv2d_backward': 2}
-
-
-@contextlib.contextmanager
-def deterministic_algorithms():
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 def test_data_offset_input_gradient_is_refused_in_deterministic_mode():

@@ -1,7 +1,7 @@
 """The opt-in implicit-GEMM kernels of the local path (``DK_OPS_LOCAL_KERNELS=implicit_gemm``,
 dk_ops/csrc/cuda/implicit_gemm.cuh), the forward and the weight gradient, executed on a CPU against
-the float64 reference, and the block barriers and shared memory of the emulated CUDA
-(dk_ops/csrc/emulated_cuda/emulated_cuda.h) that they are the first kernels to use.
+the float64 reference (they are the first kernels to use the block barriers and shared memory
+of the CUDA emulation, which test_emulated_cuda.py tests on their own).
 
 As in test_op_cuda_emulated.py, the op runs as users call it, its forward and backward sent to the
 emulated CUDA launchers. The driver marks each launch of the kernels with the profiler ranges
@@ -17,12 +17,11 @@ import pytest
 import torch
 
 import dk_ops
-import dk_ops._C_emulated_cuda  # noqa: F401  (registers torch.ops.dk_ops_emulated_cuda)
-from dk_reference import (DCN_PROBLEMS, PROBLEMS, Problem, by_name,
+from dk_reference import (CUDA_PROBLEMS, DCN_PROBLEMS, PROBLEMS, Problem, by_name,
                           deform_kernel_conv2d_reference, output_and_gradients)
-from test_op_backward import TOLERANCE, assert_gradients_close, backward_op_args
-from test_op_cuda import CUDA_PROBLEMS
-from test_op_cuda_emulated import assert_matches_reference, emulated_output_and_gradients
+from emulated_cuda import assert_matches_reference, emulated_output_and_gradients
+from op_arguments import backward_op_args
+from op_comparison import TOLERANCE, assert_gradients_close
 
 FORWARD = 'dk_ops::implicit_gemm_forward'
 WEIGHT_GRAD = 'dk_ops::implicit_gemm_weight_grad'
@@ -198,25 +197,3 @@ def test_unknown_local_kernels_value_is_refused(value, monkeypatch):
     with pytest.raises(ValueError, match=message):
         torch.ops.dk_ops.deform_kernel_conv2d_backward(
             *backward_op_args(problem, tensors, grad_output, [True] * 5))
-
-
-# ----------------------------------------------------------------------------- the emulation
-# The kernels above need __syncthreads: their tests fail when one is left out. These run the
-# emulation's own kernels (dk_ops/csrc/emulated_cuda/deform_kernel_conv2d_emulated_cuda.cpp),
-# 2 blocks of 64 threads each.
-def test_syncthreads_orders_shared_memory():
-    # Each thread reads, through shared memory, the index its neighbour in the block wrote.
-    out = torch.ops.dk_ops_emulated_cuda.emulation_self_test('rotate_through_shared')
-    index = torch.arange(128).view(2, 64)
-    assert out.tolist() == (index.roll(-1, dims=1)).flatten().float().tolist()
-
-
-@pytest.mark.parametrize('kernel,message', [
-    ('barrier_after_early_exit',
-     'emulated CUDA: 1 threads of block 0 ended while 63 wait at __syncthreads'),
-    ('shuffle_against_barrier',
-     'emulated CUDA: no thread of block 0 can go on: 48 wait at __syncthreads'),
-])
-def test_barriers_that_cannot_be_passed_raise(kernel, message):
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.dk_ops_emulated_cuda.emulation_self_test(kernel)

@@ -14,8 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dk_ops
-from dk_reference import by_name
-from test_op_backward import problems_named
+from dk_reference import by_name, problems_named
 
 # The ATen ops of forward + backward that launch work on a GPU, each once.
 WORKING_OPS = {'aten.convolution.default', 'aten.convolution_backward.default',

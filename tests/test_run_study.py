@@ -15,12 +15,12 @@ from mmengine.runner import load_checkpoint
 
 import dk_mmdet  # noqa: F401  (registers the DK layers)
 from dk_mmdet.results import shapes_study
-from mmdet_fixtures import load_tool
-from test_init_parity import build_with_seed
+from mmdet_fixtures import build_with_seed
+from tool_modules import load_tool
 from tools.analysis_tools import collect_results
 from work_dir_fixtures import read_csv, write_seeds
 
-run_study = load_tool('run_study.py', 'run_study')
+run_study = load_tool('run_study.py')
 
 FINETUNE_MODELS = sorted({run.model for run in run_study.study_runs(3)
                           if run.protocol == 'finetune'})

@@ -14,7 +14,8 @@ from mmengine.registry import init_default_scope
 from torch import nn
 
 import dk_mmdet
-from mmdet_fixtures import REPO_ROOT, TOOLS_DIR, load_make_shapes, tool_environment
+from mmdet_fixtures import REPO_ROOT, load_make_shapes, tool_environment
+from tool_modules import TOOLS_DIR
 
 SHAPES_DIR = osp.join(REPO_ROOT, 'configs', 'shapes')
 COCO_DIR = osp.join(REPO_ROOT, 'configs', 'dk')

@@ -3,23 +3,12 @@ the modules it uses: a config dump, JSON-lines scalars and a test-metrics JSON p
 mmengine writes them; the tools parse them for real.
 """
 import csv
-import importlib
 import json
 import os
 import os.path as osp
-import sys
 
 TESTS_DIR = osp.dirname(osp.abspath(__file__))
 REPO_ROOT = osp.dirname(TESTS_DIR)
-ANALYSIS_DIR = osp.join(REPO_ROOT, 'tools', 'analysis_tools')
-
-
-def load_tool(name):
-    """A module of tools/analysis_tools, imported by name as the tools import each other: one
-    copy of each module, so that their classes (deformation_bins.Bin, ...) are the same."""
-    if ANALYSIS_DIR not in sys.path:
-        sys.path.insert(0, ANALYSIS_DIR)
-    return importlib.import_module(name)
 
 
 SHAPES_VAL = 'data/shapes/annotations/instances_val.json'
