@@ -23,8 +23,9 @@ from pycocotools import mask as mask_utils
 
 from dk_mmdet.checkpoints import setup_checkpoint_serialization
 from dk_mmdet.layers import DKConv2d
-from mmdet_fixtures import (IMAGE_SIZE, REPO_ROOT, TOOLS_DIR, make_shapes_dataset,
-                            tool_environment, write_tiny_config)
+from mmdet_fixtures import (IMAGE_SIZE, REPO_ROOT, make_shapes_dataset, tool_environment,
+                            write_tiny_config)
+from tool_modules import TOOLS_DIR
 
 IMAGE_DEMO = osp.join(TOOLS_DIR, 'image_demo.py')
 

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from dk_mmdet.checkpoints import setup_checkpoint_serialization
-from mmdet_fixtures import (TOOLS_DIR, assert_metrics_match_pycocotools, free_port,
-                            reported_metrics, tool_environment, write_tiny_config)
+from mmdet_fixtures import (assert_metrics_match_pycocotools, free_port, reported_metrics,
+                            tool_environment, write_tiny_config)
+from tool_modules import TOOLS_DIR
 
 MAX_ITERS = 2
 NODE_TIMEOUT_S = 300

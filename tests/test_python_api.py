@@ -20,7 +20,8 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 from dk_mmdet.layers import DKConv2d
-from mmdet_fixtures import REPO_ROOT, TOOLS_DIR, tool_environment, write_tiny_config
+from mmdet_fixtures import REPO_ROOT, tool_environment, write_tiny_config
+from tool_modules import TOOLS_DIR
 
 MAX_ITERS = 2
 
