@@ -83,14 +83,14 @@ def resume_or_start_from(runner, start_from=None) -> None:
     where there is none, start as the config says, from ``start_from`` (its ``load_from``).
 
     mmdet's ``tools/train.py`` sets ``load_from = None`` for an automatic resume, so a
-    fine-tuning run started with ``--resume`` silently trained from scratch; and with
+    fine-tuning run started with ``--resume`` would silently train from scratch; and with
     ``load_from`` kept, mmengine would *resume* from it (its iteration and optimizer state)
     instead of loading its weights.
     mmengine's automatic resume also reads ``last_checkpoint`` in each process's own work dir,
     but only rank 0 saves checkpoints: on machines that do not share the work dir, the other
-    processes found none, started from iteration 0 with their own weights, and the job failed
-    once rank 0 had finished (seen with two nodes). Every process now resumes from rank 0's
-    checkpoint, which must be at the same path on every machine (or fails to load there).
+    processes would find none, start from iteration 0 with their own weights, and the job would
+    fail once rank 0 finished. So every process resumes from rank 0's checkpoint, which must be
+    at the same path on every machine (or fails to load there).
     """
     if runner.distributed:
         latest = [find_latest_checkpoint(runner.work_dir) if is_main_process() else None]
@@ -113,8 +113,8 @@ def end_distributed_run() -> None:
     mmengine never does. A gloo process whose group is torn down by C++ destructors, at
     ``destroy_process_group`` or at the interpreter's exit, can abort there ("terminate called
     without an active exception", SIGABRT; pytorch/pytorch#190489) when another process, the
-    one hosting the rendezvous store among them, has already gone: seen in two-node CPU tests,
-    also after an explicit ``destroy_process_group``. So on gloo every process waits for the
+    one hosting the rendezvous store among them, has already gone, as two-node CPU tests
+    show, also after an explicit ``destroy_process_group``. So on gloo every process waits for the
     others at a barrier, flushes its logs and leaves without running destructors. NCCL groups
     are destroyed as PyTorch asks.
     """
@@ -135,8 +135,8 @@ def write_test_metrics_on_main_process(runner) -> None:
 
     mmengine 0.10.7's ``LoggerHook.after_test_epoch`` dumps the metrics on every rank into the
     same file, so with several processes (CPU or GPU) the writes race, and a rank whose line is
-    shorter can leave the tail of another rank's line behind it: a corrupt file (seen in a
-    2-process gloo test). The other ranks keep logging the metrics and skip the file.
+    shorter can leave the tail of another rank's line behind it: a corrupt file (as a
+    2-process gloo test shows). The other ranks keep logging the metrics and skip the file.
     """
     if is_main_process():
         return

@@ -1,5 +1,5 @@
 """tools/analysis_tools/benchmark_op.py on a CPU at a tiny size: every case runs and gets a row,
-and the verdicts against issue 15's GPU targets are judged right. (The workspace column needs
+and the verdicts against the GPU targets (docs/gpu.md#targets) are judged right. (The workspace column needs
 CUDA; `tools/gpu_check.sh` runs the script there.)"""
 import contextlib
 import io

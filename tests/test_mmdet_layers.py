@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mmcv.cnn import ConvModule, build_conv_layer
-from mmengine.model import initialize
 from mmengine.registry import MODELS, DefaultScope
 
 from dk_mmdet.layers import DKConv2d, DKDCNConv2d, DKDCNv2Conv2d, DKGlobalConv2d
@@ -152,4 +151,3 @@ def test_import_has_no_side_effect_beyond_registration():
         'for name in ("DK", "DKGlobal", "DKDCN", "DKDCNv2"):\n'
         '    assert type(build_conv_layer(dict(type=name), 4, 4, 3)) is MODELS.get(name)\n')
     subprocess.run([sys.executable, '-c', code], check=True)
-

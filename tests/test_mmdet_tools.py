@@ -142,8 +142,8 @@ def test_resumable_fine_tuning_starts_from_load_from(shapes, configs, faster_run
 
 
 def test_only_the_main_process_writes_the_test_metrics_file(monkeypatch, tmp_path):
-    # mmengine's LoggerHook dumps the test metrics on every rank into one file; the ranks'
-    # writes raced in a 2-process run and left a corrupt file. Other ranks only log them now.
+    # mmengine's LoggerHook dumps the test metrics on every rank into one file, where the ranks'
+    # writes race and can leave a corrupt file: only the main process writes it.
     hook = LoggerHook()
     hook.json_log_path = 'metrics.json'
     logged = []

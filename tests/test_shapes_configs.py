@@ -2,7 +2,6 @@
 they build, their data, and one tiny real train + test + results-table run.
 """
 import glob
-import importlib.util
 import os.path as osp
 import subprocess
 import sys

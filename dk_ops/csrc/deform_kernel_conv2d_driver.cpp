@@ -45,7 +45,7 @@ using OptionalTensor = std::optional<Tensor>;
 // benchmark or a test can change them between calls; a bad value raises whatever the strategy.
 struct DriverSettings {
   // DK_OPS_LOCAL_KERNELS: "columns" (or unset) for the scope columns, "implicit_gemm" for the
-  // device's implicit GEMMs where it has them (CUDA; unmeasured on a GPU as yet, docs/gpu.md).
+  // device's implicit GEMMs where it has them (CUDA; no GPU has timed them: docs/gpu.md).
   bool implicit_gemm = false;
   // DK_OPS_MAX_COLUMN_BYTES, a positive integer: the bytes of one chunk of scope columns, in place
   // of the default chunking; it also cuts the implicit GEMMs' columns into chunks (the tests do,

@@ -51,7 +51,7 @@ LABELS = {
     'dk_dcn': 'DK + DCN',
     'torchvision_dcn': 'torchvision DCN',
 }
-# The GPU targets of issue 15: step time at most this many times rigid's; every DK variant also
+# The GPU targets (docs/gpu.md#targets): step time at most this many times rigid's; every DK variant also
 # peak memory at most MEMORY_TARGET times rigid's and a shorter step than torchvision's DCN.
 TIME_TARGETS = {'dk_local': 1.15, 'dk_global': 1.05, 'dk_dcn': 1.25}
 MEMORY_TARGET = 1.10

@@ -3,7 +3,7 @@ torchvision's DCN where installed).
 
 For the 3x3 convs of the ResNet-50 stages (batch N, C in = C out, stride 1, padding 1),
 prints the median time of forward+backward (gradients of every input), its ratio to F.conv2d
-and whether that meets the GPU target of issue 15, and on CUDA the step's workspace: its peak
+and whether that meets its GPU target (docs/gpu.md#targets), and on CUDA the step's workspace: its peak
 memory beyond the inputs, the output and the gradients it leaves. The cases of a shape are
 timed in interleaved rounds, so load from other processes on a shared machine hits them alike
 and the ratios stay fair:
@@ -34,7 +34,7 @@ import dk_ops
 
 # (channels, spatial size) of the ResNet-50 stages at 800 px
 STAGES = {'c3': (128, 100), 'c4': (256, 50), 'c5': (512, 25)}
-# Issue 15's targets on a GPU: forward+backward time at most this many times F.conv2d's; and a
+# The GPU targets (docs/gpu.md#targets): forward+backward time at most this many times F.conv2d's; and a
 # workspace no larger than torchvision's deform_conv2d's.
 TIME_TARGETS = {'DK local, scope 3': 1.5, 'DK local, scope 4': 2.0, 'DK global, scope 4': 1.3,
                 'DK+DCN, scope 4': 2.5}
@@ -215,7 +215,7 @@ def main():
 
 
 def targets(name, ratio, workspaces):
-    """Issue 15's verdicts for one row on CUDA (``workspaces`` empty elsewhere). A variant of a
+    """The verdicts against the GPU targets for one row on CUDA (``workspaces`` empty elsewhere). A variant of a
     case ("DK local, scope 4, 64 MiB columns") is held to the case's target."""
     target = TIME_TARGETS.get(', '.join(name.split(', ')[:2]))
     if target is None or not workspaces:
