@@ -113,21 +113,23 @@ def binned_ap(coco_gt: COCO, detections: List[Dict], iou_type: str,
                                                            catIds=params.catIds))
         crowd = {gt['id']: gt['ignore'] for gt in ground_truths}
         aps = {}
-        for bin, members in bins:
+        try:
+            for bin, members in bins:
+                for gt in ground_truths:
+                    gt['ignore'] = crowd[gt['id']] or gt['id'] not in members
+                # evaluate()'s per-image matching again, in its order, now with this bin's flags
+                evaluator.evalImgs = [evaluator.evaluateImg(image_id, category_id, area_range,
+                                                            params.maxDets[-1])
+                                      for category_id in params.catIds
+                                      for area_range in params.areaRng
+                                      for image_id in params.imgIds]
+                evaluator.accumulate()
+                precision = evaluator.eval['precision'][:, :, :, 0, -1]  # IoU, recall, category
+                measured = precision[precision > -1]  # -1: a category without ground truths
+                aps[bin] = 100.0 * float(measured.mean()) if measured.size else None
+        finally:  # the cached ground truths (load_ground_truth) as they were, whatever happens
             for gt in ground_truths:
-                gt['ignore'] = crowd[gt['id']] or gt['id'] not in members
-            # evaluate()'s per-image matching again, in its order, now with this bin's flags
-            evaluator.evalImgs = [evaluator.evaluateImg(image_id, category_id, area_range,
-                                                        params.maxDets[-1])
-                                  for category_id in params.catIds
-                                  for area_range in params.areaRng
-                                  for image_id in params.imgIds]
-            evaluator.accumulate()
-            precision = evaluator.eval['precision'][:, :, :, 0, -1]  # IoU, recall, category
-            measured = precision[precision > -1]  # -1: a category without ground truths
-            aps[bin] = 100.0 * float(measured.mean()) if measured.size else None
-        for gt in ground_truths:
-            gt['ignore'] = crowd[gt['id']]
+                gt['ignore'] = crowd[gt['id']]
     return aps
 
 
