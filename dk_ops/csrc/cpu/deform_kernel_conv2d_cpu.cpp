@@ -449,17 +449,9 @@ void offset_and_mask_grads(const ColumnChunk& chunk, const Tensor& grad_z,
 // Per scope entry the work is a few dozen multiply-adds (c5: 512 x 512 entries of 16 cells, 9
 // taps), so what counts is what surrounds them: the loops below walk the entries in runs that
 // share a kernel offset group (no division per entry), keep many independent sums side by side
-// (a chain of sums into one place waits on each addition), and are compiled for AVX2 + FMA as
-// well as for the extension's baseline. At c5, batch 2, they took a third to a tenth of the time
-// of per-entry corner loops.
-
-// x86-64 clones of a function for AVX2 + FMA and the baseline (4-wide vectors), the CPU's picked
-// at load time: the blocks below ran twice as fast with the wider vectors on the 2-core EPYC.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define DK_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DK_VECTOR_CLONES
-#endif
+// (a chain of sums into one place waits on each addition), and are DK_VECTOR_CLONES (AVX2 + FMA,
+// twice as fast as the baseline's 4-wide vectors on the 2-core EPYC). At c5, batch 2, they took a
+// third to a tenth of the time of per-entry corner loops.
 
 // The blocks of cells, taps and entries that the sums below are kept in.
 constexpr int64_t kCellBlock = 16, kTapBlock = 3, kEntryBlock = 64;
