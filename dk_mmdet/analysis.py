@@ -31,7 +31,6 @@ from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
 from torch import Tensor, nn
 
-from dk_mmdet.checkpoints import setup_checkpoint_serialization
 from dk_mmdet.config_loading import load_config
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
@@ -65,7 +64,6 @@ class AnnotatedImage:
 
 def load_detector(config: str, checkpoint: str, cfg_options: Optional[dict] = None) -> nn.Module:
     """The detector of ``config`` with the weights of ``checkpoint`` (every key must match)."""
-    setup_checkpoint_serialization()
     cfg = load_config(config, cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     # The checkpoint holds every weight: no ImageNet initialisation to fetch.

@@ -8,7 +8,7 @@ Worse, ``HistoryBuffer.__getstate__`` pickles its statistics *functions*, which 
 rebuilds through ``getattr``: allowlisting ``getattr`` would let a crafted file reach any
 function (``getattr`` of a module's globals, and so on), i.e. run arbitrary code.
 
-Choice: :func:`setup_checkpoint_serialization`, called once by the tools, does two things.
+Choice: :func:`setup_checkpoint_serialization`, which ``import dk_mmdet`` calls, does two things.
 
 - Writing: it registers a ``copyreg`` reducer that pickles a ``HistoryBuffer`` as the call
   ``HistoryBuffer(log_history, count_history, max_length)``: data only, no functions. The

@@ -22,7 +22,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     threads = config.getoption('threads')
     if threads < 0:
-        raise pytest.UsageError(f'--threads must be positive, got {threads}')
+        raise pytest.UsageError(f'--threads must be 0 (unchanged) or more, got {threads}')
     if threads:
         import torch
         torch.set_num_threads(threads)

@@ -15,7 +15,6 @@ import sys
 import torch
 from mmengine.config import Config
 
-from dk_mmdet.checkpoints import setup_checkpoint_serialization
 from mmdet_fixtures import (CONFIG_DIR, IMAGENET_CHECKPOINT_URLS, METRIC_NAMES,
                             make_coco_layout_dataset, reported_metrics, run, tool_environment,
                             torchvision_resnet_state_dict, write_hub_checkpoint)
@@ -73,7 +72,6 @@ def test_train_from_imagenet_weights_then_test(tmp_path):
     assert os.listdir(osp.dirname(hub_file)) == [osp.basename(hub_file)]
     assert sha256(hub_file) == hub_file_hash
 
-    setup_checkpoint_serialization()
     checkpoint_path = osp.join(work_dir, 'epoch_1.pth')
     checkpoint = torch.load(checkpoint_path, map_location='cpu')
     assert checkpoint['meta']['iter'] == 2

@@ -21,7 +21,6 @@ from mmengine.registry import DefaultScope
 from mmengine.runner.checkpoint import save_checkpoint
 from pycocotools import mask as mask_utils
 
-from dk_mmdet.checkpoints import setup_checkpoint_serialization
 from dk_mmdet.layers import DKConv2d
 from mmdet_fixtures import (IMAGE_SIZE, REPO_ROOT, make_shapes_dataset, tool_environment,
                             write_tiny_config)
@@ -48,7 +47,6 @@ def demo(tmp_path_factory):
 
     # As a Runner checkpoint: class names in meta.dataset_meta, the message hub's
     # HistoryBuffers beside the weights (what weights_only loading has to be told about).
-    setup_checkpoint_serialization()
     message_hub = MessageHub.get_instance('image_demo_test')
     message_hub.update_scalar('train/loss', 1.0)
     checkpoint = str(root / 'iter_1.pth')

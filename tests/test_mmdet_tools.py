@@ -20,7 +20,7 @@ from mmengine.hooks import LoggerHook
 from mmengine.registry import DefaultScope
 
 import dk_mmdet.distributed as distributed
-from dk_mmdet.checkpoints import CHECKPOINT_SAFE_GLOBALS, setup_checkpoint_serialization
+from dk_mmdet.checkpoints import CHECKPOINT_SAFE_GLOBALS
 from dk_mmdet.config_loading import load_config
 from mmdet_fixtures import (KILL_AFTER_ITER_ENV, METRIC_NAMES, assert_metrics_match_pycocotools,
                             free_port, reported_metrics, run, tool_environment, write_tiny_config)
@@ -56,7 +56,6 @@ def faster_run(shapes, configs, tmp_path_factory):
 
 
 def load_checkpoint_file(path):
-    setup_checkpoint_serialization()
     return torch.load(path, map_location='cpu')
 
 
@@ -245,7 +244,6 @@ def test_checkpoints_load_with_weights_only_and_untrusted_code_stays_refused(
     # Importing the package, as a config's custom_imports does, is all it takes.
     run([sys.executable, '-c', f'import dk_mmdet; {load}'])
 
-    setup_checkpoint_serialization()
     untrusted = str(tmp_path / 'untrusted.pth')
     torch.save({'state_dict': {}, 'meta': RunsACommand()}, untrusted)
     with pytest.raises(pickle.UnpicklingError, match=rf'GLOBAL {os.system.__module__}\.system'):

@@ -18,7 +18,6 @@ import psutil
 import pytest
 import torch
 
-from dk_mmdet.checkpoints import setup_checkpoint_serialization
 from mmdet_fixtures import (assert_metrics_match_pycocotools, free_port, reported_metrics,
                             tool_environment, write_tiny_config)
 from tool_modules import TOOLS_DIR
@@ -115,7 +114,6 @@ def test_two_nodes_train_to_identical_weights(trained_nodes):
         assert torch.equal(ranks[1]['state_dict'][key], value), key
 
     # Only rank 0 saves checkpoints (mmengine); its checkpoint holds those weights.
-    setup_checkpoint_serialization()
     checkpoint = torch.load(osp.join(trained_nodes[0], 'work', f'iter_{MAX_ITERS}.pth'))
     assert checkpoint['state_dict'].keys() == ranks[1]['state_dict'].keys()
     for key, value in checkpoint['state_dict'].items():
