@@ -9,13 +9,15 @@ import csv
 import os.path as osp
 from typing import Dict
 
-from dk_mmdet.results.tables import difference_text
+from dk_mmdet.results.tables import difference_text, markdown_table
 
 RIGID = 'r50_fpn'
 VARIANT_LABELS = {RIGID: 'rigid', 'r50-dconv-c3-c5_fpn': 'DCN', 'r50-mdconv-c3-c5_fpn': 'DCNv2',
                   'r50-dk-c3-c5_fpn': 'DK', 'r50-dk-global-c3-c5_fpn': 'DK-global',
                   'r50-dk-dconv-c3-c5_fpn': 'DK+DCN'}
 PROTOCOLS = ('finetune', 'scratch')
+SUMMARY_HEADER = ('conv2 in c3-c5', 'seeds', 'val', 'Δ val [95% CI]', 'test_hard',
+                  'Δ test_hard [95% CI]')
 
 
 def shapes_config_name(detector: str, variant: str) -> str:
@@ -45,17 +47,16 @@ def summary_tables(root: str) -> str:
             models = list(dict.fromkeys(model for model, _ in cells))
             if not models:
                 continue
-            lines += [f'{protocol}, {detector}, {task} AP:', '',
-                      '| conv2 in c3-c5 | seeds | val | Δ val [95% CI] | test_hard | '
-                      'Δ test_hard [95% CI] |', '|---|---:|---:|---:|---:|---:|']
+            body = []
             for model in models:
                 row = [variant_label(model), cells[(model, 'val')]['seeds']]
                 for split in ('val', 'test_hard'):
                     cell = cells[(model, split)]
                     row.append(f"{cell['mean']} ± {cell['sd']}" if cell['sd'] else cell['mean'])
                     row.append(summary_difference_cell(cell))
-                lines.append('| ' + ' | '.join(row) + ' |')
-            lines.append('')
+                body.append(row)
+            lines += [f'{protocol}, {detector}, {task} AP:', '',
+                      *markdown_table(SUMMARY_HEADER, body)]
     return '\n'.join(lines)
 
 
