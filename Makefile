@@ -24,7 +24,7 @@ CUDA_LOCK ?= requirements/cuda.lock
 
 EXT_SOURCES := setup.py $(shell find dk_ops/csrc -type f 2>/dev/null)
 
-.PHONY: env build test demo compare cuda-check lock clean
+.PHONY: env build test demo compare compare-converged cuda-check lock clean
 
 env: $(VENV)/.stack-installed
 
@@ -80,7 +80,19 @@ demo: build $(SHAPES_DATA)
 		--out $(DEMO_WORK_DIR)/results.md --csv $(DEMO_WORK_DIR)/results.csv
 
 compare: build $(SHAPES_DATA)
-	$(VPY) tools/run_study.py --root work_dirs/study
+	$(VPY) tools/run_study.py --study short
+
+# The study at convergence: several days of a 2-core machine (docs/shapes.md), so it runs
+# nice'd; stop it with Ctrl-C or kill and run it again to resume.
+SHAPES_LARGE_DIR  := data/shapes_large
+SHAPES_LARGE_DATA := $(SHAPES_LARGE_DIR)/annotations/instances_test_hard.json
+
+$(SHAPES_LARGE_DATA): tools/data/make_shapes.py | build
+	$(VPY) tools/data/make_shapes.py --out $(SHAPES_LARGE_DIR) --num-train 2000 --num-val 500 \
+		--num-hard 500
+
+compare-converged: build $(SHAPES_LARGE_DATA)
+	nice -n 10 $(VPY) tools/run_study.py --study converged
 
 # Compile check of the CUDA kernels on machines without a GPU: builds the extension with nvcc
 # for sm_80 and sm_90 against a CUDA build of torch in its own venv (the math-library headers

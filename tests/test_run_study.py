@@ -22,12 +22,12 @@ from work_dir_fixtures import read_csv, write_seeds
 
 run_study = load_tool('run_study.py')
 
-FINETUNE_MODELS = sorted({run.model for run in run_study.study_runs(3)
+FINETUNE_MODELS = sorted({run.model for run in run_study.study_runs(run_study.SHORT, 3)
                           if run.protocol == 'finetune'})
 
 
 def test_the_study_pairs_every_variant_with_its_rigid_baseline():
-    runs = run_study.study_runs(seeds=3)
+    runs = run_study.study_runs(run_study.SHORT, seeds=3)
     stage1 = [run for run in runs if run.protocol == 'stage1']
     assert [run.model for run in stage1] == list(run_study.BASELINES)
     per_model = {}
@@ -46,8 +46,52 @@ def test_the_study_pairs_every_variant_with_its_rigid_baseline():
             assert run.load_from is None
 
 
+def test_the_converged_study_finetunes_five_faster_rcnn_variants_on_the_large_data():
+    study = run_study.CONVERGED
+    runs = run_study.study_runs(study, seeds=4)
+    stage1, *finetune = runs
+    assert (stage1.protocol, stage1.model, stage1.schedule) == (
+        'stage1', run_study.BASELINES[0], study.stage1)
+    assert {run.protocol for run in finetune} == {'finetune'}
+    assert {shapes_study.variant_label(run.model) for run in finetune} == {
+        'rigid', 'DCNv2', 'DK', 'DK-global', 'DK+DCN'}
+    assert sorted(run.seed for run in finetune if 'dk-c3' in run.model) == [0, 1, 2, 3]
+    assert {run.load_from for run in finetune} == {stage1}
+    assert {run.data_root for run in runs} == {study.data_root} != {run_study.SHORT.data_root}
+    # each schedule's last fifth runs at the low rate, so that a plateau there is meaningful
+    assert study.stage1.step_at <= 0.8 and study.finetune.step_at <= 0.8
+
+
+def test_a_converged_run_trains_and_evaluates_on_its_own_data(tmp_path):
+    """The learning curve: val AP every val_interval iterations, on the study's val split."""
+    stage1 = run_study.study_runs(run_study.CONVERGED, seeds=1)[0]
+    schedule = stage1.schedule
+    config = Config.fromfile(run_study.write_config(stage1, str(tmp_path)))
+    data_root = run_study.CONVERGED.data_root
+    assert config.train_dataloader.dataset.data_root == data_root
+    assert config.train_dataloader.dataset.ann_file == 'annotations/instances_train.json'
+    assert config.train_cfg.val_interval == schedule.val_interval
+    assert config.val_cfg.type == 'ValLoop'
+    val = config.val_dataloader.dataset
+    assert (val.data_root, val.ann_file, val.data_prefix.img) == (
+        data_root, 'annotations/instances_val.json', 'val/')
+    assert val.pipeline == config.test_dataloader.dataset.pipeline
+    assert config.val_evaluator.ann_file == data_root + 'annotations/instances_val.json'
+    assert config.default_hooks.checkpoint.interval == schedule.val_interval
+    _, steps = config.param_scheduler
+    assert steps.milestones == [round(schedule.iters * 2 / 3)]
+    # tools/test.py on test_hard reads the same data root
+    options = dict(option.split('=', 1) for option in run_study.data_options(data_root,
+                                                                             'test_hard'))
+    assert options == {
+        'test_dataloader.dataset.data_root': data_root,
+        'test_dataloader.dataset.ann_file': 'annotations/instances_test_hard.json',
+        'test_dataloader.dataset.data_prefix.img': 'test_hard/',
+        'test_evaluator.ann_file': data_root + 'annotations/instances_test_hard.json'}
+
+
 def fake_stage1(root, model, checkpoint):
-    work_dir = run_study.Run('stage1', model, 0, run_study.STAGE1).work_dir(root)
+    work_dir = run_study.Run('stage1', model, 0, run_study.SHORT.stage1).work_dir(root)
     os.makedirs(work_dir)
     with open(osp.join(work_dir, 'last_checkpoint'), 'w') as f:
         f.write(checkpoint)
@@ -55,8 +99,8 @@ def fake_stage1(root, model, checkpoint):
 
 def finetune_run(model):
     stage1_model = run_study.BASELINES[0 if model.startswith('faster') else 1]
-    return run_study.Run('finetune', model, 0, run_study.FINETUNE,
-                         load_from=run_study.Run('stage1', stage1_model, 0, run_study.STAGE1))
+    return run_study.Run('finetune', model, 0, run_study.SHORT.finetune,
+                         load_from=run_study.Run('stage1', stage1_model, 0, run_study.SHORT.stage1))
 
 
 def test_written_config_is_the_variant_with_the_protocols_schedule(tmp_path):
@@ -68,7 +112,7 @@ def test_written_config_is_the_variant_with_the_protocols_schedule(tmp_path):
     assert written.model == variant.model
     assert osp.abspath(osp.join(run_study.REPO_ROOT, written.load_from)) == str(
         tmp_path / 'iter_800.pth')
-    schedule = run_study.FINETUNE
+    schedule = run_study.SHORT.finetune
     assert written.train_cfg.max_iters == schedule.iters
     assert written.train_cfg.type == 'IterBasedTrainLoop'
     assert written.optim_wrapper.optimizer.lr == schedule.lr
@@ -76,7 +120,7 @@ def test_written_config_is_the_variant_with_the_protocols_schedule(tmp_path):
     warmup, steps = written.param_scheduler
     assert (warmup.end, warmup.start_factor) == (schedule.warmup_iters, schedule.warmup_start)
     assert (steps.end, steps.milestones) == (schedule.iters, [int(schedule.iters * 0.8)])
-    scratch = run_study.Run('scratch', model, 1, run_study.SCRATCH)
+    scratch = run_study.Run('scratch', model, 1, run_study.SHORT.scratch)
     assert Config.fromfile(run_study.write_config(scratch, root)).load_from is None
 
 
@@ -138,7 +182,7 @@ def test_finished_steps_are_stamped_and_skipped(tmp_path, monkeypatch):
     calls = tmp_path / 'calls.jsonl'
     monkeypatch.setenv('CALLS', str(calls))
     root = str(tmp_path / 'study')
-    run = run_study.Run('scratch', 'faster-rcnn_r50-dk-c3-c5_fpn_shapes', 2, run_study.SCRATCH)
+    run = run_study.Run('scratch', 'faster-rcnn_r50-dk-c3-c5_fpn_shapes', 2, run_study.SHORT.scratch)
 
     def called():
         return [json.loads(line) for line in calls.read_text().splitlines()] \
@@ -197,7 +241,7 @@ def test_summary_tables_hold_ap_and_paired_differences(tmp_path):
 def test_collect_writes_every_seeds_value_beside_the_tables(tmp_path):
     root = str(tmp_path)
     models = (run_study.BASELINES[0], 'faster-rcnn_r50-dk-c3-c5_fpn_shapes')
-    runs = [run_study.Run('scratch', model, seed, run_study.SCRATCH)
+    runs = [run_study.Run('scratch', model, seed, run_study.SHORT.scratch)
             for model in models for seed in range(2)]
     write_seeds(runs[0].model_dir(root), [0.40, 0.41])
     write_seeds(runs[2].model_dir(root), [0.43, 0.42])

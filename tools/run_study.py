@@ -43,18 +43,19 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if importlib.util.find_spec('dk_mmdet') is None:
     # Run from a checkout without installing: use the repository's package.
     sys.path.insert(0, REPO_ROOT)
 
+from mmengine.config import Config  # noqa: E402
+
 from dk_mmdet.results.shapes_study import (PROTOCOLS, RIGID, shapes_config_name,  # noqa: E402
                                            summary_tables, variant_label)
 
 SHAPES_CONFIGS = osp.join(REPO_ROOT, 'configs', 'shapes')
-DATA_ROOT = 'data/shapes/'  # the configs' data_root
 
 DK_VARIANTS = ('r50-dk-c3-c5_fpn', 'r50-dk-global-c3-c5_fpn', 'r50-dk-dconv-c3-c5_fpn')
 # mmcv's deformable convs: on a CPU one training iteration costs about 3-8x a rigid one, so they
@@ -68,22 +69,70 @@ ERF_MAX_OBJECTS = 100
 
 @dataclass(frozen=True)
 class Schedule:
-    """Iterations, peak AdamW learning rate, linear warm-up; the rate drops 10x at 80%."""
+    """Iterations, peak AdamW learning rate, linear warm-up; the rate drops 10x at ``step_at``
+    of the schedule. With ``val_interval``, the run also evaluates on val every that many
+    iterations: its learning curve (``curve.csv``)."""
     iters: int
     lr: float
     warmup_iters: int
     warmup_start: float
+    step_at: float = 0.8
+    val_interval: Optional[int] = None
 
 
-STAGE1 = Schedule(iters=800, lr=1e-3, warmup_iters=100, warmup_start=0.01)  # the quickstart's
-FINETUNE = Schedule(iters=200, lr=3e-4, warmup_iters=20, warmup_start=0.1)
-SCRATCH = Schedule(iters=600, lr=1e-3, warmup_iters=100, warmup_start=0.01)
+@dataclass(frozen=True)
+class Study:
+    """What a study trains: its data, its schedules, and which variants of which detector each
+    protocol compares (stage 1, the rigid "pretrained" model of every fine-tuned detector, is
+    implied)."""
+    name: str
+    data_root: str  # make_shapes.py --out
+    num_images: Tuple[int, int, int]  # train, val, test_hard
+    stage1: Schedule
+    finetune: Schedule
+    scratch: Optional[Schedule]
+    comparisons: Tuple[Tuple[str, str, Tuple[str, ...]], ...]  # (protocol, detector, variants)
+    seeds: int
 
-TEST_HARD_OPTIONS = [
-    'test_dataloader.dataset.ann_file=annotations/instances_test_hard.json',
-    'test_dataloader.dataset.data_prefix.img=test_hard/',
-    f'test_evaluator.ann_file={DATA_ROOT}annotations/instances_test_hard.json',
-]
+
+# The short-schedule study (docs/shapes.md, "The seeded study"): what a 2-core machine runs in
+# about two hours, not converged.
+SHORT = Study(
+    name='short', data_root='data/shapes/', num_images=(400, 100, 100),
+    stage1=Schedule(iters=800, lr=1e-3, warmup_iters=100, warmup_start=0.01),  # the quickstart's
+    finetune=Schedule(iters=200, lr=3e-4, warmup_iters=20, warmup_start=0.1),
+    scratch=Schedule(iters=600, lr=1e-3, warmup_iters=100, warmup_start=0.01),
+    comparisons=(('finetune', 'faster-rcnn', (RIGID, *MMCV_DCN_VARIANTS, *DK_VARIANTS)),
+                 ('finetune', 'mask-rcnn', (RIGID, *DK_VARIANTS)),
+                 ('scratch', 'faster-rcnn', (RIGID, *DK_VARIANTS))),
+    seeds=3)
+# The study at convergence (docs/shapes.md, "The converged study"): five times the training
+# images and val / test_hard splits five times as large (evaluation is cheap next to training),
+# stage 1 and stage 2 each long enough that val AP plateaus (their curves show it), one rate
+# drop at two thirds so that the last fifth of each schedule runs at the low rate. Fine-tuned
+# Faster R-CNN only: rigid, the three DK variants and mmcv's DCNv2.
+CONVERGED = Study(
+    name='converged', data_root='data/shapes_large/', num_images=(2000, 500, 500),
+    stage1=Schedule(iters=10000, lr=1e-3, warmup_iters=100, warmup_start=0.01, step_at=2 / 3,
+                    val_interval=1000),
+    finetune=Schedule(iters=3000, lr=3e-4, warmup_iters=100, warmup_start=0.1, step_at=2 / 3,
+                      val_interval=500),
+    scratch=None,
+    comparisons=(('finetune', 'faster-rcnn',
+                  (RIGID, 'r50-mdconv-c3-c5_fpn', *DK_VARIANTS)),),
+    seeds=11)
+STUDIES = {study.name: study for study in (SHORT, CONVERGED)}
+
+
+
+
+def data_options(data_root: str, split: str) -> List[str]:
+    """--cfg-options that test on ``split`` ('val' or 'test_hard') of the data in ``data_root``."""
+    annotations = f'annotations/instances_{split}.json'
+    return [f'test_dataloader.dataset.data_root={data_root}',
+            f'test_dataloader.dataset.ann_file={annotations}',
+            f'test_dataloader.dataset.data_prefix.img={split}/',
+            f'test_evaluator.ann_file={data_root}{annotations}']
 
 
 @dataclass(frozen=True)
@@ -93,6 +142,7 @@ class Run:
     seed: int
     schedule: Schedule
     load_from: Optional['Run'] = None  # the stage-1 run whose last checkpoint starts this one
+    data_root: str = SHORT.data_root
 
     def model_dir(self, root: str) -> str:
         return osp.join(root, self.protocol, self.model)
@@ -109,21 +159,21 @@ class Run:
         return self.schedule.iters * (8 if slow else 1) * (1.3 if 'mask' in self.model else 1)
 
 
-def study_runs(seeds: int) -> List[Run]:
-    """Every run of the study, in the order they start: stage 1, then the protocols in order of
-    importance (if the machine is needed back, the main comparison is complete first), each
+def study_runs(study: Study, seeds: int) -> List[Run]:
+    """Every run of the study, in the order they start: stage 1, then the comparisons in order
+    of importance (if the machine is needed back, the main comparison is complete first), each
     longest run first."""
-    stage1 = {detector: Run('stage1', shapes_config_name(detector, RIGID), 0, STAGE1)
-              for detector in ('faster-rcnn', 'mask-rcnn')}
+    detectors = dict.fromkeys(detector for protocol, detector, _ in study.comparisons
+                              if protocol == 'finetune')
+    stage1 = {detector: Run('stage1', shapes_config_name(detector, RIGID), 0, study.stage1,
+                            data_root=study.data_root) for detector in detectors}
     runs = list(stage1.values())
-    for protocol, detector, variants in (
-            ('finetune', 'faster-rcnn', (RIGID, *MMCV_DCN_VARIANTS, *DK_VARIANTS)),
-            ('finetune', 'mask-rcnn', (RIGID, *DK_VARIANTS)),
-            ('scratch', 'faster-rcnn', (RIGID, *DK_VARIANTS))):
-        schedule, start = ((FINETUNE, stage1[detector]) if protocol == 'finetune' else
-                           (SCRATCH, None))
+    for protocol, detector, variants in study.comparisons:
+        schedule, start = ((study.finetune, stage1[detector]) if protocol == 'finetune' else
+                           (study.scratch, None))
         group = [Run(protocol, shapes_config_name(detector, variant), seed, schedule,
-                     load_from=start) for variant in variants for seed in range(seeds)]
+                     load_from=start, data_root=study.data_root)
+                 for variant in variants for seed in range(seeds)]
         runs += sorted(group, key=Run.cost, reverse=True)
     return runs
 
@@ -142,22 +192,49 @@ def write_config(run: Run, root: str) -> str:
         lines.append(f"load_from = '{osp.relpath(start, REPO_ROOT)}'")
     lines += [
         f'max_iters = {schedule.iters}',
-        'train_cfg = dict(max_iters=max_iters)',
+        'train_cfg = dict(max_iters=max_iters'
+        + (f', val_interval={schedule.val_interval})' if schedule.val_interval else ')'),
         f'optim_wrapper = dict(optimizer=dict(lr={schedule.lr}))',
         'param_scheduler = [',
         f"    dict(type='LinearLR', start_factor={schedule.warmup_start}, by_epoch=False,",
         f'         begin=0, end={schedule.warmup_iters}),',
         f"    dict(type='MultiStepLR', by_epoch=False, begin=0, end={schedule.iters},",
-        f'         milestones=[{int(schedule.iters * 0.8)}], gamma=0.1),',
+        f'         milestones=[{round(schedule.iters * schedule.step_at)}], gamma=0.1),',
         ']',
-        f'default_hooks = dict(checkpoint=dict(interval={schedule.iters // 4}))',
+        f'default_hooks = dict(checkpoint=dict(interval={checkpoint_interval(schedule)}))',
     ]
+    if run.data_root != SHORT.data_root:
+        lines += [
+            f"train_dataloader = dict(dataset=dict(data_root='{run.data_root}'))",
+            f"test_dataloader = dict(dataset=dict(data_root='{run.data_root}'))",
+            f"test_evaluator = dict(ann_file='{run.data_root}annotations/instances_val.json')",
+        ]
+    if schedule.val_interval:
+        lines += val_loop_lines(run)
     os.makedirs(osp.dirname(path), exist_ok=True)
     text = '\n'.join(lines) + '\n'
     if not osp.exists(path) or open(path).read() != text:
         with open(path, 'w') as f:
             f.write(text)
     return path
+
+
+def val_loop_lines(run: Run) -> List[str]:
+    """Evaluation on val during training, for the learning curve: the variant's own test
+    loader and evaluator on the run's data."""
+    variant = Config.fromfile(osp.join(SHAPES_CONFIGS, f'{run.model}.py'))
+    loader, evaluator = variant.test_dataloader.to_dict(), variant.test_evaluator.to_dict()
+    loader['dataset']['data_root'] = run.data_root
+    evaluator['ann_file'] = f'{run.data_root}annotations/instances_val.json'
+    # _delete_: the base config has None for both
+    return [f'val_dataloader = {dict(_delete_=True, **loader)!r}',
+            f'val_evaluator = {dict(_delete_=True, **evaluator)!r}',
+            "val_cfg = dict(_delete_=True, type='ValLoop')"]
+
+
+def checkpoint_interval(schedule: Schedule) -> int:
+    """A checkpoint at every evaluation, else four a run: a killed run resumes from there."""
+    return schedule.val_interval or schedule.iters // 4
 
 
 def last_checkpoint(work_dir: str) -> str:
@@ -186,10 +263,10 @@ def run_steps(run: Run, root: str, python: str, threads: int) -> None:
     seed_option = [f'randomness.seed={run.seed}']
     steps = [('train', ['tools/train.py', config, '--work-dir', work_dir, '--resume',
                         '--cfg-options', *seed_option])]
-    for split, options in (('val', []), ('test_hard', TEST_HARD_OPTIONS)):
+    for split in ('val', 'test_hard'):
         prefix = osp.join(work_dir, 'detections', split)
         steps.append((f'test_{split}', ['tools/test.py', config, None, '--work-dir', work_dir,
-                                        '--cfg-options', *options,
+                                        '--cfg-options', *data_options(run.data_root, split),
                                         f'test_evaluator.outfile_prefix={prefix}']))
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     for name, arguments in steps:
@@ -221,7 +298,7 @@ def run_all(runs: List[Run], root: str, python: str, jobs: int, threads: int) ->
 
     def attempt(run: Run) -> None:
         try:
-            if run.load_from is not None:
+            if run.load_from in finished:  # else stage 1 ran before (or --only left it out)
                 finished[run.load_from].wait()
             run_steps(run, root, python, threads)
         except (subprocess.CalledProcessError, OSError) as error:
@@ -248,12 +325,12 @@ def collect_arguments(runs: List[Run], root: str, protocol: str) -> List[str]:
 
 
 def collect(runs: List[Run], root: str, python: str) -> None:
-    for protocol in PROTOCOLS:
+    for protocol in dict.fromkeys(run.protocol for run in runs if run.protocol != 'stage1'):
         subprocess.run([python, *collect_arguments(runs, root, protocol)], cwd=REPO_ROOT,
                        check=True)
 
 
-def erf_slopes(runs: List[Run], root: str, python: str) -> None:
+def erf_slopes(runs: List[Run], root: str, python: str, data_root: str) -> None:
     """erf_seeds.py on every fine-tuned Faster R-CNN: ROOT/finetune/erf_seeds/."""
     out = osp.join(root, 'finetune', 'erf_seeds')
     if osp.exists(osp.join(out, 'erf_seeds.md')):
@@ -264,15 +341,19 @@ def erf_slopes(runs: List[Run], root: str, python: str) -> None:
             models += ['--model', variant_label(run.model), run.config_file(root),
                        last_checkpoint(run.work_dir(root))]
     subprocess.run([python, 'tools/analysis_tools/erf_seeds.py', *models, '--baseline', 'rigid',
-                    '--images', f'{DATA_ROOT}val', '--layer', ERF_LAYER,
+                    '--images', f'{data_root}val', '--layer', ERF_LAYER,
                     '--max-objects', str(ERF_MAX_OBJECTS),
                     '--out', out], cwd=REPO_ROOT, check=True)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--root', default='work_dirs/study', help='where the runs go')
-    parser.add_argument('--seeds', type=int, default=3, help='seeds per model')
+    parser.add_argument('--study', choices=sorted(STUDIES), default=SHORT.name,
+                        help='the short-schedule study or the one at convergence')
+    parser.add_argument('--root', help='where the runs go (default: work_dirs/<study name>)')
+    parser.add_argument('--seeds', type=int, help="seeds per model (default: the study's)")
+    parser.add_argument('--only', nargs='+', choices=('stage1', 'finetune', 'scratch'),
+                        help='run only these protocols, and collect nothing')
     parser.add_argument('--jobs', type=int, default=2, help='runs at a time')
     parser.add_argument('--threads', type=int, default=1, help='torch threads per run')
     parser.add_argument('--python', default=sys.executable)
@@ -282,23 +363,30 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not osp.exists(osp.join(REPO_ROOT, DATA_ROOT, 'annotations', 'instances_test_hard.json')):
-        sys.exit(f'run_study.py: no data in {DATA_ROOT}; `make compare` generates it')
-    root = osp.join(REPO_ROOT, args.root) if not osp.isabs(args.root) else args.root
-    runs = study_runs(args.seeds)
+    study = STUDIES[args.study]
+    if not osp.exists(osp.join(REPO_ROOT, study.data_root, 'annotations',
+                               'instances_test_hard.json')):
+        sys.exit(f'run_study.py: no data in {study.data_root}; `make compare` generates it')
+    root = args.root or osp.join('work_dirs', 'study' if study is SHORT else f'study_{study.name}')
+    root = osp.join(REPO_ROOT, root) if not osp.isabs(root) else root
+    runs = study_runs(study, args.seeds or study.seeds)
+    if args.only:
+        runs = [run for run in runs if run.protocol in args.only]
     if args.dry_run:
         for run in runs:
-            print(run.work_dir(args.root), f'{run.schedule.iters} iterations',
-                  f'from {run.load_from.work_dir(args.root)}' if run.load_from else '')
+            print(run.work_dir(root), f'{run.schedule.iters} iterations',
+                  f'from {run.load_from.work_dir(root)}' if run.load_from else '')
         return 0
     failures = run_all(runs, root, args.python, args.jobs, args.threads)
     if failures:
         print('failed runs:', *failures, sep='\n  ', file=sys.stderr)
         return 1
+    if args.only:
+        return 0
     collect(runs, root, args.python)
     with open(osp.join(root, 'summary.md'), 'w') as f:
         f.write(summary_tables(root))
-    erf_slopes(runs, root, args.python)
+    erf_slopes(runs, root, args.python, study.data_root)
     return 0
 
 

@@ -38,7 +38,10 @@ def summary_tables(root: str) -> str:
     by seed, with the 95% t-interval (bold where it excludes 0)."""
     lines = []
     for protocol in PROTOCOLS:
-        with open(osp.join(root, protocol, 'results.csv')) as f:
+        path = osp.join(root, protocol, 'results.csv')
+        if not osp.exists(path):  # a study without this protocol
+            continue
+        with open(path) as f:
             rows = [row for row in csv.DictReader(f) if row['metric'] == 'AP' and not row['bin']]
         for detector, task in (('faster-rcnn', 'bbox'), ('mask-rcnn', 'bbox'),
                                ('mask-rcnn', 'segm')):
