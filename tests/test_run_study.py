@@ -5,6 +5,7 @@ import json
 import os
 import os.path as osp
 import stat
+import statistics
 import subprocess
 import sys
 
@@ -78,6 +79,7 @@ def test_a_converged_run_trains_and_evaluates_on_its_own_data(tmp_path):
     assert val.pipeline == config.test_dataloader.dataset.pipeline
     assert config.val_evaluator.ann_file == data_root + 'annotations/instances_val.json'
     assert config.default_hooks.checkpoint.interval == schedule.val_interval
+    assert config.default_hooks.logger.log_metric_by_epoch is False  # the curve's x: iterations
     _, steps = config.param_scheduler
     assert steps.milestones == [round(schedule.iters * 2 / 3)]
     # tools/test.py on test_hard reads the same data root
@@ -164,7 +166,7 @@ STUB_PYTHON = """#!{python}
 # Stands in for the Python interpreter: records each tool call; fails when FAIL_STEP names it.
 import json, os, sys
 tool, config = sys.argv[1], sys.argv[2]
-work_dir = sys.argv[sys.argv.index('--work-dir') + 1]
+work_dir = sys.argv[sys.argv.index('--work-dir') + 1] if '--work-dir' in sys.argv else None
 with open(os.environ['CALLS'], 'a') as f:
     f.write(json.dumps(sys.argv[1:]) + '\\n')
 if os.environ.get('FAIL_STEP') and os.environ['FAIL_STEP'] in ' '.join(sys.argv[1:]):
@@ -257,3 +259,48 @@ def test_collect_writes_every_seeds_value_beside_the_tables(tmp_path):
     summary = read_csv(osp.join(root, 'scratch', 'results.csv'))
     assert {(row['model'], row['metric'], row['baseline']) for row in summary
             } >= {(models[1], 'AP', models[0])}
+
+
+def test_a_finetuned_dynamic_variant_measures_its_offsets_and_rigid_does_not(tmp_path,
+                                                                             monkeypatch):
+    stub = tmp_path / 'python'
+    stub.write_text(STUB_PYTHON.format(python=sys.executable))
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    calls = tmp_path / 'calls.jsonl'
+    monkeypatch.setenv('CALLS', str(calls))
+    root = str(tmp_path / 'study')
+    stage1, *finetune = run_study.study_runs(run_study.CONVERGED, seeds=1)
+    fake_stage1(root, stage1.model, str(tmp_path / 'stage1.pth'))
+    for run in finetune:
+        run_study.run_steps(run, root, str(stub), threads=1)
+    called = [json.loads(line) for line in calls.read_text().splitlines()]
+    offsets = [call for call in called if call[0].endswith('offset_magnitudes.py')]
+    assert len(offsets) == len(finetune) - 1  # every variant but rigid
+    dk = next(run for run in finetune if run.model == 'faster-rcnn_r50-dk-c3-c5_fpn_shapes')
+    call = next(call for call in offsets if call[1] == dk.config_file(root))
+    assert call[2] == osp.join(dk.work_dir(root), 'iter_400.pth')  # its last checkpoint
+    assert call[call.index('--images') + 1] == 'data/shapes_large/val'
+    assert call[call.index('--out') + 1] == osp.join(dk.work_dir(root), 'offsets.csv')
+
+
+def test_offsets_are_collected_per_seed_and_summarised_over_seeds(tmp_path):
+    root = str(tmp_path)
+    runs = [run_study.Run('finetune', 'faster-rcnn_r50-dk-c3-c5_fpn_shapes', seed,
+                          run_study.CONVERGED.finetune) for seed in range(3)]
+    moves = {0: (0.10, 0.40), 1: (0.20, 0.50), 2: (0.30, 0.90)}
+    for run in runs:
+        os.makedirs(run.work_dir(root))
+        with open(osp.join(run.work_dir(root), 'offsets.csv'), 'w') as f:
+            f.write('model,stage,kind,mean_move,images\n' + ''.join(
+                f'DK,{stage},kernel,{move},50\n'
+                for stage, move in zip(('c3', 'c5'), moves[run.seed])))
+    run_study.collect_offsets(runs, root)
+    rows = read_csv(osp.join(root, 'finetune', 'offsets_runs.csv'))
+    assert [(row['seed'], row['stage'], row['mean_move']) for row in rows] == [
+        (str(seed), stage, str(move)) for seed in range(3)
+        for stage, move in zip(('c3', 'c5'), moves[seed])]
+    assert rows[0]['model'] == 'faster-rcnn_r50-dk-c3-c5_fpn_shapes'
+    table = open(osp.join(root, 'finetune', 'offsets.md')).read()
+    c5 = [0.40, 0.50, 0.90]
+    assert (f'| DK | kernel offsets (scope cells) | 3 | 0.200 ± 0.100 | '
+            f'{statistics.mean(c5):.3f} ± {statistics.stdev(c5):.3f} |') in table

@@ -31,6 +31,7 @@ the next time (the ERF step once its table exists); an interrupted training resu
 last checkpoint.
 """
 import argparse
+import csv
 import datetime
 import importlib.util
 import json
@@ -52,8 +53,9 @@ if importlib.util.find_spec('dk_mmdet') is None:
 
 from mmengine.config import Config  # noqa: E402
 
-from dk_mmdet.results.shapes_study import (PROTOCOLS, RIGID, shapes_config_name,  # noqa: E402
-                                           summary_tables, variant_label)
+from dk_mmdet.results.shapes_study import (OFFSET_RUN_FIELDS, RIGID,  # noqa: E402
+                                           offset_table, shapes_config_name, summary_tables,
+                                           variant_label)
 
 SHAPES_CONFIGS = osp.join(REPO_ROOT, 'configs', 'shapes')
 
@@ -65,6 +67,7 @@ BASELINES = ('faster-rcnn_r50_fpn_shapes', 'mask-rcnn_r50_fpn_shapes')
 # The ERF analysis: the fine-tuned Faster R-CNNs, at the val objects, the units of stage c4.
 ERF_LAYER = 'backbone.layer3'
 ERF_MAX_OBJECTS = 100
+OFFSET_IMAGES = 50  # val images over which the offsets' moves are averaged
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,9 @@ def write_config(run: Run, root: str) -> str:
         f"    dict(type='MultiStepLR', by_epoch=False, begin=0, end={schedule.iters},",
         f'         milestones=[{round(schedule.iters * schedule.step_at)}], gamma=0.1),',
         ']',
-        f'default_hooks = dict(checkpoint=dict(interval={checkpoint_interval(schedule)}))',
+        f'default_hooks = dict(checkpoint=dict(interval={checkpoint_interval(schedule)})'
+        # val metrics logged at their training iteration (by default: at epoch 0, every one)
+        + (', logger=dict(log_metric_by_epoch=False))' if schedule.val_interval else ')'),
     ]
     if run.data_root != SHORT.data_root:
         lines += [
@@ -250,7 +255,8 @@ def commit() -> str:
 
 
 def run_steps(run: Run, root: str, python: str, threads: int) -> None:
-    """Train, test on val, test on test_hard; each step once (the stamp records it)."""
+    """Train, test on val, test on test_hard and, for a fine-tuned dynamic variant, measure
+    how far its offsets moved; each step once (the stamp records it)."""
     work_dir = run.work_dir(root)
     os.makedirs(work_dir, exist_ok=True)
     stamp_file = osp.join(work_dir, 'study_stamp.json')
@@ -268,6 +274,13 @@ def run_steps(run: Run, root: str, python: str, threads: int) -> None:
         steps.append((f'test_{split}', ['tools/test.py', config, None, '--work-dir', work_dir,
                                         '--cfg-options', *data_options(run.data_root, split),
                                         f'test_evaluator.outfile_prefix={prefix}']))
+    if run.protocol == 'finetune' and variant_label(run.model) != 'rigid':
+        steps.append(('offsets', [
+            'tools/analysis_tools/offset_magnitudes.py', config, None,
+            '--images', f'{run.data_root}val',
+            '--ann', f'{run.data_root}annotations/instances_val.json',
+            '--max-images', str(OFFSET_IMAGES), '--names', variant_label(run.model),
+            '--out', osp.join(work_dir, 'offsets.csv')]))
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     for name, arguments in steps:
         if name in stamp['steps']:
@@ -330,6 +343,39 @@ def collect(runs: List[Run], root: str, python: str) -> None:
                        check=True)
 
 
+def learning_curves(runs: List[Run], root: str, python: str) -> None:
+    """learning_curves.py on the runs that evaluated during training: stage 1 in
+    ROOT/stage1/curves/, seed 0 of every fine-tuned variant in ROOT/finetune/curves/."""
+    for protocol in ('stage1', 'finetune'):
+        chosen = [run for run in runs if run.protocol == protocol and run.seed == 0
+                  and run.schedule.val_interval]
+        if chosen:
+            names = [f"{run.model.split('_')[0]} {variant_label(run.model)}" for run in chosen]
+            subprocess.run([python, 'tools/analysis_tools/learning_curves.py',
+                            *[run.work_dir(root) for run in chosen], '--names', *names,
+                            '--out', osp.join(root, protocol, 'curves')],
+                           cwd=REPO_ROOT, check=True)
+
+
+def collect_offsets(runs: List[Run], root: str) -> None:
+    """Every fine-tuned run's offsets.csv in ROOT/finetune/offsets_runs.csv (with its seed), and
+    their mean ± sd over seeds in ROOT/finetune/offsets.md."""
+    rows = []
+    for run in runs:
+        path = osp.join(run.work_dir(root), 'offsets.csv')
+        if run.protocol == 'finetune' and osp.exists(path):
+            with open(path) as f:
+                rows += [dict(row, model=run.model, seed=run.seed) for row in csv.DictReader(f)]
+    if not rows:
+        return
+    with open(osp.join(root, 'finetune', 'offsets_runs.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=OFFSET_RUN_FIELDS, extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(osp.join(root, 'finetune', 'offsets.md'), 'w') as f:
+        f.write(offset_table(rows))
+
+
 def erf_slopes(runs: List[Run], root: str, python: str, data_root: str) -> None:
     """erf_seeds.py on every fine-tuned Faster R-CNN: ROOT/finetune/erf_seeds/."""
     out = osp.join(root, 'finetune', 'erf_seeds')
@@ -386,6 +432,8 @@ def main(argv=None) -> int:
     collect(runs, root, args.python)
     with open(osp.join(root, 'summary.md'), 'w') as f:
         f.write(summary_tables(root))
+    learning_curves(runs, root, args.python)
+    collect_offsets(runs, root)
     erf_slopes(runs, root, args.python, study.data_root)
     return 0
 

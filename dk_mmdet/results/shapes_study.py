@@ -7,8 +7,10 @@ A model is a configs/shapes config, ``<detector>_<variant>_shapes``: the detecto
 """
 import csv
 import os.path as osp
-from typing import Dict
+from collections import defaultdict
+from typing import Dict, List
 
+from dk_mmdet.results.seed_statistics import mean_and_sd
 from dk_mmdet.results.tables import difference_text, markdown_table
 
 RIGID = 'r50_fpn'
@@ -16,6 +18,8 @@ VARIANT_LABELS = {RIGID: 'rigid', 'r50-dconv-c3-c5_fpn': 'DCN', 'r50-mdconv-c3-c
                   'r50-dk-c3-c5_fpn': 'DK', 'r50-dk-global-c3-c5_fpn': 'DK-global',
                   'r50-dk-dconv-c3-c5_fpn': 'DK+DCN'}
 PROTOCOLS = ('finetune', 'scratch')
+OFFSET_RUN_FIELDS = ('model', 'seed', 'stage', 'kind', 'mean_move', 'images')
+OFFSET_UNITS = {'kernel': 'kernel offsets (scope cells)', 'data': 'data offsets (pixels)'}
 SUMMARY_HEADER = ('conv2 in c3-c5', 'seeds', 'val', 'Δ val [95% CI]', 'test_hard',
                   'Δ test_hard [95% CI]')
 
@@ -70,3 +74,22 @@ def summary_difference_cell(cell: Dict[str, str]) -> str:
     low, high = (float(cell[key]) if cell[key] else None for key in ('ci95_low', 'ci95_high'))
     text = difference_text(float(cell['difference']), low, high)
     return f'**{text}**' if low is not None and (low > 0 or high < 0) else text
+
+
+def offset_table(rows: List[Dict[str, str]]) -> str:
+    """Mean ± sd over seeds of each variant's mean tap move per stage and kind, from rows of
+    tools/analysis_tools/offset_magnitudes.py with a ``seed`` added."""
+    moves = defaultdict(list)
+    for row in rows:
+        moves[variant_label(row['model']), row['kind'], row['stage']].append(
+            float(row['mean_move']))
+    stages = sorted({stage for _, _, stage in moves})
+    body = []
+    for label, kind in dict.fromkeys((label, kind) for label, kind, _ in moves):
+        spreads = [mean_and_sd(moves[label, kind, stage]) if (label, kind, stage) in moves
+                   else None for stage in stages]
+        cells = ['' if spread is None else f'{spread.mean:.3f}' if spread.sd is None else
+                 f'{spread.mean:.3f} ± {spread.sd:.3f}' for spread in spreads]
+        seeds = max(spread.count for spread in spreads if spread is not None)
+        body.append([label, OFFSET_UNITS[kind], str(seeds), *cells])
+    return '\n'.join(markdown_table(('variant', 'offsets', 'seeds', *stages), body))

@@ -46,7 +46,6 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from mmcv.ops import DeformConv2dPack, ModulatedDeformConv2dPack  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -56,36 +55,24 @@ from dk_mmdet.analysis import (ImageInput, box_centre, default_ann_file,  # noqa
                                load_detector, parse_model_arguments, read_annotated_images,
                                run_to_layer, unit_index)
 from dk_mmdet.cond_conv import CondConv2d  # noqa: E402
+from dk_mmdet.offsets import OFFSET_LAYER_TYPES, generated_offsets  # noqa: E402
 
-DYNAMIC_LAYER_TYPES = (dk_ops.DeformKernel2d, dk_ops.GlobalDeformKernel2d,
-                       dk_ops.DeformKernelConv2d, DeformConv2dPack, ModulatedDeformConv2dPack,
-                       CondConv2d)
-
-
-def _data_offsets(generated: Tensor, deform_groups: int, kernel_size) -> Tensor:
-    # DCNv2 generators append the mask after the 2*G*K*K offset channels.
-    return generated[:, :2 * deform_groups * kernel_size[0] * kernel_size[1]]
+DYNAMIC_LAYER_TYPES = (*OFFSET_LAYER_TYPES, CondConv2d)
 
 
 def control_units(layer: nn.Module, layer_input: Tensor) -> Tuple[Tensor, str]:
     """The layer's control units for ``layer_input``, (N, D, H_out, W_out) for operators that
     vary per location or (N, D) per image, and what they are."""
-    if isinstance(layer, dk_ops.DeformKernelConv2d):
-        data = _data_offsets(layer.data_offset_conv(layer_input), layer.deform_groups,
-                             layer.kernel_size)
-        return (torch.cat([layer.kernel_offset_conv(layer_input), data], 1),
-                'kernel offsets + data offsets')
-    if isinstance(layer, dk_ops.DeformKernel2d):
-        return layer.kernel_offset_conv(layer_input), 'kernel offsets'
-    if isinstance(layer, dk_ops.GlobalDeformKernel2d):
-        return layer.kernel_offset(layer_input), 'kernel offsets (per image)'
-    if isinstance(layer, (DeformConv2dPack, ModulatedDeformConv2dPack)):
-        return (_data_offsets(layer.conv_offset(layer_input), layer.deform_groups,
-                              layer.kernel_size), 'data offsets')
     if isinstance(layer, CondConv2d):
         return layer.routing(layer_input), 'routing weights (per image)'
-    raise TypeError(f'{type(layer).__name__} has no control units; supported layers: '
-                    f'{[cls.__name__ for cls in DYNAMIC_LAYER_TYPES]}')
+    if not isinstance(layer, OFFSET_LAYER_TYPES):
+        raise TypeError(f'{type(layer).__name__} has no control units; supported layers: '
+                        f'{[cls.__name__ for cls in DYNAMIC_LAYER_TYPES]}')
+    offsets = generated_offsets(layer, layer_input)
+    description = ' + '.join(f'{kind} offsets' for kind in offsets)
+    if isinstance(layer, dk_ops.GlobalDeformKernel2d):
+        description += ' (per image)'
+    return torch.cat(list(offsets.values()), 1), description
 
 
 def last_dynamic_layer(model: nn.Module) -> str:
