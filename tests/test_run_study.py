@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import load_checkpoint
 
 import dk_mmdet  # noqa: F401  (registers the DK layers)
@@ -90,6 +92,28 @@ def test_a_converged_run_trains_and_evaluates_on_its_own_data(tmp_path):
         'test_dataloader.dataset.ann_file': 'annotations/instances_test_hard.json',
         'test_dataloader.dataset.data_prefix.img': 'test_hard/',
         'test_evaluator.ann_file': data_root + 'annotations/instances_test_hard.json'}
+
+
+def test_offset_generators_can_learn_at_a_multiple_of_the_rate(tmp_path):
+    """The multiplier reaches every offset generator's parameters and nothing else."""
+    fake_stage1(str(tmp_path), run_study.BASELINES[0], str(tmp_path / 'stage1.pth'))
+    run = finetune_run('faster-rcnn_r50-dk-dconv-c3-c5_fpn_shapes')
+    assert 'paramwise_cfg' not in Config.fromfile(
+        run_study.write_config(run, str(tmp_path))).optim_wrapper
+    faster = run_study.dataclasses.replace(run, schedule=run_study.dataclasses.replace(
+        run.schedule, offset_lr_mult=10.0))
+    config = Config.fromfile(run_study.write_config(faster, str(tmp_path)))
+    init_default_scope('mmdet')
+    model = MODELS.build(config.model)
+    wrapper = build_optim_wrapper(model, config.optim_wrapper)
+    rates = {}
+    for group in wrapper.optimizer.param_groups:
+        for parameter in group['params']:
+            rates[id(parameter)] = group['lr']
+    for name, parameter in model.named_parameters():
+        generator = 'kernel_offset_conv' in name or 'data_offset_conv' in name
+        assert rates[id(parameter)] == pytest.approx(
+            run.schedule.lr * (10 if generator else 1)), name
 
 
 def fake_stage1(root, model, checkpoint):

@@ -254,3 +254,14 @@ def test_committed_erf_slope_summaries_follow_from_every_seeds_slope():
         tolerances = [3 * h] + [3 * h + 2 * t * h / math.sqrt(n - 1)] * 2
         for number, printed, tolerance in zip(difference, committed, tolerances):
             assert abs(number - printed) <= tolerance, (line['variant'], number, printed)
+
+
+def test_seeds_for_half_width_is_the_smallest_study_that_resolves_it():
+    # t(0.975, 9) = 2.262 and t(0.975, 10) = 2.228 (the NIST table of test_t_quantile):
+    # 10 seeds give 2.262 * 1.4 / sqrt(10) = 1.0016 > 1.0, 11 give 2.228 * 1.4 / sqrt(11) = 0.94
+    assert seed_statistics.seeds_for_half_width(1.4, 1.0) == 11
+    # 3 seeds: 4.303 * sd / sqrt(3) <= 1 holds up to sd = 0.4025, 2 seeds need sd <= 0.1109
+    assert seed_statistics.seeds_for_half_width(0.40, 1.0) == 3
+    assert seed_statistics.seeds_for_half_width(0.0, 1.0) == 2
+    with pytest.raises(ValueError, match='half_width'):
+        seed_statistics.seeds_for_half_width(1.4, 0.0)

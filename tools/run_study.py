@@ -32,6 +32,7 @@ last checkpoint.
 """
 import argparse
 import csv
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -74,13 +75,16 @@ OFFSET_IMAGES = 50  # val images over which the offsets' moves are averaged
 class Schedule:
     """Iterations, peak AdamW learning rate, linear warm-up; the rate drops 10x at ``step_at``
     of the schedule. With ``val_interval``, the run also evaluates on val every that many
-    iterations: its learning curve (``curve.csv``)."""
+    iterations: its learning curve. The offset generators (every parameter whose name holds
+    ``offset``: DK's kernel and data offsets, mmcv's DCN offsets) learn at ``offset_lr_mult``
+    times the rate, as mmdet's ``dcn_offset_lr_mult`` does for DCN."""
     iters: int
     lr: float
     warmup_iters: int
     warmup_start: float
     step_at: float = 0.8
     val_interval: Optional[int] = None
+    offset_lr_mult: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,7 @@ def write_config(run: Run, root: str) -> str:
         f'max_iters = {schedule.iters}',
         'train_cfg = dict(max_iters=max_iters'
         + (f', val_interval={schedule.val_interval})' if schedule.val_interval else ')'),
-        f'optim_wrapper = dict(optimizer=dict(lr={schedule.lr}))',
+        f'optim_wrapper = dict(optimizer=dict(lr={schedule.lr}){offset_rate(schedule)})',
         'param_scheduler = [',
         f"    dict(type='LinearLR', start_factor={schedule.warmup_start}, by_epoch=False,",
         f'         begin=0, end={schedule.warmup_iters}),',
@@ -222,6 +226,14 @@ def write_config(run: Run, root: str) -> str:
         with open(path, 'w') as f:
             f.write(text)
     return path
+
+
+def offset_rate(schedule: Schedule) -> str:
+    """The optimiser's paramwise_cfg for ``offset_lr_mult``, if it is not 1."""
+    if schedule.offset_lr_mult == 1:
+        return ''
+    return (", paramwise_cfg=dict(custom_keys={'offset': "
+            f'dict(lr_mult={schedule.offset_lr_mult})}})')
 
 
 def val_loop_lines(run: Run) -> List[str]:
@@ -400,6 +412,9 @@ def parse_args(argv=None):
     parser.add_argument('--seeds', type=int, help="seeds per model (default: the study's)")
     parser.add_argument('--only', nargs='+', choices=('stage1', 'finetune', 'scratch'),
                         help='run only these protocols, and collect nothing')
+    parser.add_argument('--offset-lr-mult', type=float,
+                        help="the fine-tuning rate of the offset generators, times the model's "
+                        "(default: the study's)")
     parser.add_argument('--jobs', type=int, default=2, help='runs at a time')
     parser.add_argument('--threads', type=int, default=1, help='torch threads per run')
     parser.add_argument('--python', default=sys.executable)
@@ -410,6 +425,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     study = STUDIES[args.study]
+    if args.offset_lr_mult is not None:
+        study = dataclasses.replace(study, finetune=dataclasses.replace(
+            study.finetune, offset_lr_mult=args.offset_lr_mult))
     if not osp.exists(osp.join(REPO_ROOT, study.data_root, 'annotations',
                                'instances_test_hard.json')):
         sys.exit(f'run_study.py: no data in {study.data_root}; `make compare` generates it')

@@ -67,3 +67,16 @@ def paired_difference(model: Dict[int, float],
         return None
     spread, low, high = mean_interval([model[k] - baseline[k] for k in seeds])
     return PairedDifference(spread.count, spread.mean, low, high)
+
+
+def seeds_for_half_width(sd: float, half_width: float, most: int = 1000) -> int:
+    """The fewest seeds n >= 2 whose ``CONFIDENCE`` t interval of a mean is at most
+    ``half_width`` wide on each side when the values' sd is ``sd``: the smallest n with
+    t((1 + CONFIDENCE) / 2, n - 1) * sd / sqrt(n) <= half_width."""
+    if sd < 0 or half_width <= 0:
+        raise ValueError(f'sd must be >= 0 and half_width > 0, got sd={sd}, '
+                         f'half_width={half_width}')
+    for count in range(2, most + 1):
+        if t_half_width(MeanSd(count, 0.0, sd)) <= half_width:
+            return count
+    raise ValueError(f'more than {most} seeds needed for sd={sd}, half_width={half_width}')
