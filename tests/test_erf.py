@@ -16,6 +16,7 @@ from torch import nn
 
 import dk_ops
 from dk_mmdet import erf, erf_figures
+from dk_mmdet.results import erf_slopes
 from dk_mmdet.analysis import AnnotatedImage, GroundTruthObject, unit_index
 from tools.analysis_tools import erf as erf_tool
 from tools.analysis_tools import erf_seeds
@@ -385,7 +386,7 @@ def test_slope_per_seed_from_the_objects():
     rows = [dict(model='DK', seed=seed, box_size=s, erf_radius=scale * s**slope)
             for seed, scale, slope in ((0, 2.0, 0.3), (1, 3.0, 0.5)) for s in size]
     rows += [dict(model='rigid', seed=0, box_size=s, erf_radius=4.0) for s in size]
-    fits = erf_seeds.slopes_by_seed(rows)
+    fits = erf_slopes.slopes_by_seed(rows)
     assert fits['DK'][0]['slope'] == pytest.approx(0.3)
     assert fits['DK'][1]['slope'] == pytest.approx(0.5)
     assert fits['rigid'][0]['slope'] == pytest.approx(0.0, abs=1e-12)
@@ -394,7 +395,7 @@ def test_slope_per_seed_from_the_objects():
 def test_slope_mean_sd_t_interval_and_paired_difference():
     slopes = {'rigid': {0: 0.1, 1: 0.3, 2: 0.2}, 'DK': {0: 0.2, 1: 0.4, 2: 0.6},
               'DCN': {0: 0.5, 1: None, 2: 0.1}, 'broken': {0: None}}
-    rigid, dk, dcn = erf_seeds.variant_slopes(slopes, 'rigid')
+    rigid, dk, dcn = erf_slopes.variant_slopes(slopes, 'rigid')
     # DK: mean 0.4, sd 0.2, 95% interval 0.4 +- t(0.975, 2) 0.2 / sqrt(3), t = 4.303 in tables.
     assert (dk.variant, dk.spread.count) == ('DK', 3)
     assert dk.spread.mean == pytest.approx(0.4) and dk.spread.sd == pytest.approx(0.2)
@@ -411,23 +412,23 @@ def test_slope_mean_sd_t_interval_and_paired_difference():
     assert dcn.spread.count == 2 and dcn.slopes == {0: 0.5, 2: 0.1}
     assert dcn.difference.pairs == 2 and dcn.difference.mean == pytest.approx(0.15)
     # One seed: a mean and nothing else.
-    single, = erf_seeds.variant_slopes({'DK': {3: 0.25}})
+    single, = erf_slopes.variant_slopes({'DK': {3: 0.25}})
     assert (single.spread.mean, single.spread.sd, single.low) == (0.25, None, None)
     with pytest.raises(ValueError, match='--baseline rigid: not a --model NAME'):
-        erf_seeds.variant_slopes({'DK': {0: 0.1}}, 'rigid')
+        erf_slopes.variant_slopes({'DK': {0: 0.1}}, 'rigid')
 
 
 def test_seeds_pair_by_seed_folder_else_by_order():
-    by_folder = erf_seeds.seed_checkpoints([('DK', 'dk.py', 'study/dk/seed2/iter_8.pth'),
+    by_folder = erf_slopes.seed_checkpoints([('DK', 'dk.py', 'study/dk/seed2/iter_8.pth'),
                                             ('DK', 'dk.py', 'study/dk/seed0/iter_8.pth'),
                                             ('rigid', 'r.py', 'study/r/seed0/iter_8.pth')])
     assert [(model.variant, model.seed) for model in by_folder] == [('DK', 2), ('DK', 0),
                                                                     ('rigid', 0)]
-    by_order = erf_seeds.seed_checkpoints([('DK', 'dk.py', 'a.pth'), ('rigid', 'r.py', 'b.pth'),
+    by_order = erf_slopes.seed_checkpoints([('DK', 'dk.py', 'a.pth'), ('rigid', 'r.py', 'b.pth'),
                                            ('DK', 'dk.py', 'study/dk/seed7/c.pth')])
     assert [model.seed for model in by_order] == [0, 0, 1]
     with pytest.raises(ValueError, match='are both seed 1'):
-        erf_seeds.seed_checkpoints([('DK', 'dk.py', 'x/seed1/a.pth'),
+        erf_slopes.seed_checkpoints([('DK', 'dk.py', 'x/seed1/a.pth'),
                                     ('DK', 'dk.py', 'y/seed1/b.pth')])
 
 
