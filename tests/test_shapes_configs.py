@@ -179,3 +179,40 @@ def test_tiny_train_test_and_results_table(tmp_path):
         [100 * float(value) for value in copypaste], abs=0.051)
     assert cells[9] == '256x256'  # the config's test Resize scale
     assert float(cells[7]) > 0 and float(cells[8]) > 0 and float(cells[10]) > 0
+
+
+# ------------------------------------------------------------------ the RTMDet-tiny pair
+# Every key of the model config that the RTMDet quickstart changes from mmdet's COCO model:
+# batch norm for SyncBN, scratch training, the classes.
+RTMDET_THINNED_MODEL_KEYS = {'backbone.norm_cfg', 'backbone.init_cfg', 'neck.norm_cfg',
+                             'bbox_head.norm_cfg', 'bbox_head.num_classes'}
+
+
+def test_rtmdet_model_is_the_coco_model_single_process_and_scratch():
+    shapes = flatten(shapes_config('rtmdet_tiny').model)
+    coco = flatten(Config.fromfile(osp.join(COCO_DIR, 'rtmdet_tiny_8xb32-300e_coco.py')).model)
+    differing = {key for key in shapes.keys() | coco.keys() if shapes.get(key) != coco.get(key)}
+    assert {_covering_key(key, RTMDET_THINNED_MODEL_KEYS)
+            for key in differing} == RTMDET_THINNED_MODEL_KEYS
+    assert shapes['bbox_head.num_classes'] == len(load_make_shapes().CLASSES)
+
+
+def test_rtmdet_dk_quickstart_is_the_rigid_one_with_dk_in_the_depthwise_convs():
+    from mmdet.registry import MODELS
+    rigid, variant = shapes_config('rtmdet_tiny'), shapes_config('rtmdet_tiny-dk-dw')
+    rigid_keys, variant_keys = flatten(rigid.to_dict()), flatten(variant.to_dict())
+    differing = {key for key in rigid_keys.keys() | variant_keys.keys()
+                 if rigid_keys.get(key) != variant_keys.get(key)}
+    assert {_covering_key(key, {'model.backbone.conv_cfg'}) for key in differing} == {
+        'model.backbone.conv_cfg'}
+    coco = Config.fromfile(osp.join(COCO_DIR, 'rtmdet_tiny-dk-dw_8xb32-300e_coco.py'))
+    assert variant.model.backbone.conv_cfg == coco.model.backbone.conv_cfg
+    assert tuple(variant.train_dataloader.dataset.metainfo['classes']) == (
+        load_make_shapes().CLASSES)
+    init_default_scope('mmdet')
+    model = MODELS.build(variant.model)
+    dk_layers = [name for name, module in model.named_modules()
+                 if isinstance(module, dk_mmdet.DepthwiseDKConv2d)]
+    # The 5x5 depthwise conv of each of RTMDet-tiny's four CSPNeXt blocks.
+    assert len(dk_layers) == 4
+    assert all(name.endswith('.conv2.depthwise_conv.conv') for name in dk_layers)
