@@ -22,8 +22,9 @@ its conv right after building it (normal, fan_out, ReLU gain), but only a conv w
 these DK layers draw that Kaiming init into their zero-offset kernel themselves, as the last
 step of their construction: built with the seed of the rigid network, the DK network draws the
 same random numbers and holds the same kernels. ``ConvModule`` uses a LeakyReLU's slope in that
-gain; with a LeakyReLU activation the DK kernels start at the ReLU gain instead (the same
-random numbers, a scale of 1/sqrt(1 + slope^2)), until an ``init_cfg`` draws them again.
+gain, which the layer cannot see: with a LeakyReLU activation the DK kernels start at the ReLU
+gain instead (the same random numbers, sqrt(1 + slope^2) times larger), until an ``init_cfg``
+draws them again.
 """
 from mmengine.model import kaiming_init
 from mmengine.registry import MODELS
