@@ -180,9 +180,9 @@ def build_with_seed(cfg, seed=0):
 
 
 def differing_keys(ours, theirs) -> set:
-    """The dotted keys of the leaves in which config ``ours`` differs from ``theirs``, ignoring
-    the ``_scope_`` keys that mmengine adds to every dict inherited through 'mmdet::'; lists
-    (pipelines) are leaves."""
+    """The dotted keys of the leaves in which config (or config dict) ``ours`` differs from
+    ``theirs``, ignoring the ``_scope_`` keys that mmengine adds to every dict inherited through
+    'mmdet::'; lists (pipelines) are leaves."""
 
     def flatten(value, prefix=''):
         if isinstance(value, dict):
