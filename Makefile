@@ -24,7 +24,7 @@ CUDA_LOCK ?= requirements/cuda.lock
 
 EXT_SOURCES := setup.py $(shell find dk_ops/csrc -type f 2>/dev/null)
 
-.PHONY: env build test demo compare compare-converged cuda-check lock clean
+.PHONY: env build test demo demo-rtmdet compare compare-converged cuda-check lock clean
 
 env: $(VENV)/.stack-installed
 
@@ -58,10 +58,11 @@ test: build
 	$(VPY) -m pytest -q tests
 
 # The quickstart on the synthetic shapes data (configs/shapes): `make demo` trains and tests
-# the local-DK Faster R-CNN and prints its COCO table; `make compare` runs the seeded study of
+# the local-DK Faster R-CNN and prints its COCO table, `make demo-rtmdet` the same for RTMDet-tiny
+# with local DK in its depthwise convs; `make compare` runs the short-schedule seeded study of
 # every variant (tools/run_study.py: fine-tuning from a rigid stage-1 model and from scratch,
-# three seeds, val and the wider-deformation test_hard split; docs/shapes.md). Both skip the
-# steps that finished (delete the work_dir to start over) and resume an interrupted training.
+# three seeds, val and the wider-deformation test_hard split; docs/shapes.md). All of them skip
+# the steps that finished (delete the work_dir to start over) and resume an interrupted training.
 SHAPES_DIR     := data/shapes
 SHAPES_DATA    := $(SHAPES_DIR)/annotations/instances_test_hard.json
 DEMO_CONFIG    := configs/shapes/faster-rcnn_r50-dk-c3-c5_fpn_shapes.py
@@ -71,7 +72,10 @@ $(SHAPES_DATA): tools/data/make_shapes.py | build
 	$(VPY) tools/data/make_shapes.py --out $(SHAPES_DIR) --num-train 400 --num-val 100 \
 		--num-hard 100
 
-demo: build $(SHAPES_DATA)
+demo-rtmdet: DEMO_CONFIG   := configs/shapes/rtmdet_tiny-dk-dw_shapes.py
+demo-rtmdet: DEMO_WORK_DIR := work_dirs/demo/rtmdet_tiny-dk-dw_shapes
+
+demo demo-rtmdet: build $(SHAPES_DATA)
 	test -f $(DEMO_WORK_DIR)/.trained || { $(VPY) tools/train.py $(DEMO_CONFIG) \
 		--work-dir $(DEMO_WORK_DIR) --resume && touch $(DEMO_WORK_DIR)/.trained; }
 	$(VPY) tools/test.py $(DEMO_CONFIG) \

@@ -49,16 +49,21 @@ class MMCVConvMixin:
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=False, **dk_options):
-        unknown = sorted(set(dk_options) - set(self.dk_option_names))
-        if unknown:
-            raise TypeError(f'{self.config_name} got unknown option(s) {unknown}; the options '
-                            f'of {self.config_name} are {list(self.dk_option_names)}')
+        self.check_options(dk_options)
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, **self.fixed_options,
                          **dk_options)
         # Where an init_cfg would initialise the rigid conv, it initialises this layer's
         # zero-offset kernel the same way (dk_mmdet/rigid_init.py).
         self.rigid_kernel_init = RigidKernelInit(self)
+
+    @classmethod
+    def check_options(cls, dk_options: Dict) -> None:
+        """Raises TypeError naming any option of ``dk_options`` the layer does not take."""
+        unknown = sorted(set(dk_options) - set(cls.dk_option_names))
+        if unknown:
+            raise TypeError(f'{cls.config_name} got unknown option(s) {unknown}; the options '
+                            f'of {cls.config_name} are {list(cls.dk_option_names)}')
 
     def rigid_kernel(self) -> torch.Tensor:
         """The kernel that zero offsets sample from the scope, (C_out, C_in/groups, K_h, K_w)."""

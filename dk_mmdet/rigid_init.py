@@ -17,7 +17,8 @@ therefore computes the same function at step 0, up to float rounding.
 Not covered: mmcv's ``ConvModule`` re-initialises its conv with ``kaiming_init`` only when the
 conv has no ``init_weights`` of its own, which these layers have (to re-zero their offset
 generators), so a DK layer inside a ConvModule keeps the init of the enclosing module's
-``init_cfg`` (e.g. the FPN's Xavier), where the rigid conv gets ConvModule's Kaiming.
+``init_cfg`` (e.g. the FPN's Xavier), where the rigid conv gets ConvModule's Kaiming. The
+depthwise ``conv_cfg`` types of :mod:`dk_mmdet.depthwise` draw ConvModule's Kaiming themselves.
 """
 import torch
 from torch import Tensor, nn

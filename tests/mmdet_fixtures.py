@@ -179,6 +179,27 @@ def build_with_seed(cfg, seed=0):
     return model
 
 
+def differing_keys(ours, theirs) -> set:
+    """The dotted keys of the leaves in which config (or config dict) ``ours`` differs from
+    ``theirs``, ignoring the ``_scope_`` keys that mmengine adds to every dict inherited through
+    'mmdet::'; lists (pipelines) are leaves."""
+
+    def flatten(value, prefix=''):
+        if isinstance(value, dict):
+            flat = {}
+            for key, item in value.items():
+                if key != '_scope_':
+                    flat.update(flatten(item, f'{prefix}{key}.'))
+            return flat
+        if isinstance(value, (list, tuple)):
+            return {prefix[:-1]: [flatten(item) if isinstance(item, dict) else item
+                                  for item in value]}
+        return {prefix[:-1]: value}
+
+    ours, theirs = flatten(ours.to_dict()), flatten(theirs.to_dict())
+    return {key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key)}
+
+
 # mmdet's CocoMetric names of COCOeval.stats[0:6]
 METRIC_NAMES = ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l')
 

@@ -246,3 +246,43 @@ def test_every_offset_generator_is_zero_after_init_weights(layer_type):
     xavier_bound = (6 / (fan_in + fan_out)) ** 0.5
     assert kernel.abs().max() <= xavier_bound * (1 + 1e-5)
     assert kernel.abs().max() > 0.8 * xavier_bound
+
+
+# ------------------------------------------------------------------ the depthwise detectors
+DEPTHWISE_PAIRS = [
+    *[('rtmdet_tiny_8xb32-300e_coco', f'rtmdet_tiny-{tag}_8xb32-300e_coco')
+      for tag in ('dk-dw', 'dk-global-dw', 'dk-dconv-dw')],
+    ('rtmdet_s_8xb32-300e_coco', 'rtmdet_s-dk-dw_8xb32-300e_coco'),
+    ('ssdlite_mobilenetv2-scratch_8xb24-600e_coco',
+     'ssdlite_mobilenetv2-dk-dw-scratch_8xb24-600e_coco'),
+]
+
+
+def depthwise_detector(name, backbone_init):
+    """The detector of configs/dk/``name`` from scratch: with the backbone's own init_cfg
+    (CSPNeXt's Kaiming in place of RTMDet's ImageNet weights; SSDLite's truncated normal), or
+    with none, so that mmcv ConvModule's init of each conv is its last."""
+    cfg = Config.fromfile(osp.join(REPO_ROOT, 'configs', 'dk', name + '.py'))
+    backbone = cfg.model.backbone
+    if backbone_init == 'none':
+        backbone.init_cfg = None
+    elif backbone.init_cfg.type == 'Pretrained':
+        backbone.pop('init_cfg')
+    return build_with_seed(cfg.model)
+
+
+@pytest.mark.parametrize('backbone_init', ('scratch_init_cfg', 'none'))
+@pytest.mark.parametrize('rigid_name,variant_name', DEPTHWISE_PAIRS,
+                         ids=[variant for _, variant in DEPTHWISE_PAIRS])
+def test_depthwise_detector_is_its_rigid_twin_at_step_0(rigid_name, variant_name, backbone_init):
+    rigid = depthwise_detector(rigid_name, backbone_init)
+    variant = depthwise_detector(variant_name, backbone_init)
+    assert any(isinstance(module, DK_MODULES) for module in variant.modules())
+    # The whole detector: the neck and head, built and initialised after the backbone, drew
+    # the same numbers.
+    assert_starts_as_rigid(variant, rigid)
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for rigid_level, variant_level in zip(rigid.extract_feat(image),
+                                              variant.extract_feat(image), strict=True):
+            torch.testing.assert_close(variant_level, rigid_level, rtol=1e-4, atol=1e-5)

@@ -13,7 +13,7 @@ from mmengine.registry import init_default_scope
 from torch import nn
 
 import dk_mmdet
-from mmdet_fixtures import REPO_ROOT, load_make_shapes, tool_environment
+from mmdet_fixtures import REPO_ROOT, differing_keys, load_make_shapes, tool_environment
 from tool_modules import TOOLS_DIR
 
 SHAPES_DIR = osp.join(REPO_ROOT, 'configs', 'shapes')
@@ -58,16 +58,6 @@ def coco_config(name):
     return Config.fromfile(osp.join(COCO_DIR, f'{name}_1x_coco.py'))
 
 
-def flatten(value, prefix=''):
-    if isinstance(value, dict):
-        flat = {}
-        for key, item in value.items():
-            if key != '_scope_':
-                flat.update(flatten(item, f'{prefix}{key}.'))
-        return flat
-    return {prefix[:-1]: value}
-
-
 def _covering_key(key, keys):
     return next((known for known in keys if key == known or key.startswith(known + '.')), key)
 
@@ -81,12 +71,11 @@ def test_every_variant_has_a_config_for_both_detectors():
 @pytest.mark.parametrize('name', CONFIG_NAMES)
 def test_the_model_is_the_coco_model_thinned(name):
     """Only the listed keys differ from configs/dk: same detector, same deformable layers."""
-    shapes, coco = flatten(shapes_config(name).model), flatten(coco_config(name).model)
+    shapes, coco = shapes_config(name).model, coco_config(name).model
     expected = THINNED_MODEL_KEYS | (THINNED_MASK_KEYS if name.startswith('mask') else set())
-    differing = {key for key in shapes.keys() | coco.keys() if shapes.get(key) != coco.get(key)}
     # A dict replaced by None (init_cfg) differs in each of its own keys.
-    assert {_covering_key(key, expected) for key in differing} == expected
-    assert shapes['backbone.base_channels'] * 4 * 8 == shapes['neck.in_channels'][-1]
+    assert {_covering_key(key, expected) for key in differing_keys(shapes, coco)} == expected
+    assert shapes.backbone.base_channels * 4 * 8 == shapes.neck.in_channels[-1]
 
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)
@@ -179,3 +168,36 @@ def test_tiny_train_test_and_results_table(tmp_path):
         [100 * float(value) for value in copypaste], abs=0.051)
     assert cells[9] == '256x256'  # the config's test Resize scale
     assert float(cells[7]) > 0 and float(cells[8]) > 0 and float(cells[10]) > 0
+
+
+# ------------------------------------------------------------------ the RTMDet-tiny pair
+# Every key of the model config that the RTMDet quickstart changes from mmdet's COCO model:
+# batch norm for SyncBN, scratch training, the classes.
+RTMDET_THINNED_MODEL_KEYS = {'backbone.norm_cfg', 'backbone.init_cfg', 'neck.norm_cfg',
+                             'bbox_head.norm_cfg', 'bbox_head.num_classes'}
+
+
+def test_rtmdet_model_is_the_coco_model_single_process_and_scratch():
+    shapes = shapes_config('rtmdet_tiny').model
+    coco = Config.fromfile(osp.join(COCO_DIR, 'rtmdet_tiny_8xb32-300e_coco.py')).model
+    assert {_covering_key(key, RTMDET_THINNED_MODEL_KEYS)
+            for key in differing_keys(shapes, coco)} == RTMDET_THINNED_MODEL_KEYS
+    assert shapes.bbox_head.num_classes == len(load_make_shapes().CLASSES)
+
+
+def test_rtmdet_dk_quickstart_is_the_rigid_one_with_dk_in_the_depthwise_convs():
+    from mmdet.registry import MODELS
+    rigid, variant = shapes_config('rtmdet_tiny'), shapes_config('rtmdet_tiny-dk-dw')
+    assert {_covering_key(key, {'model.backbone.conv_cfg'})
+            for key in differing_keys(variant, rigid)} == {'model.backbone.conv_cfg'}
+    coco = Config.fromfile(osp.join(COCO_DIR, 'rtmdet_tiny-dk-dw_8xb32-300e_coco.py'))
+    assert variant.model.backbone.conv_cfg == coco.model.backbone.conv_cfg
+    assert tuple(variant.train_dataloader.dataset.metainfo['classes']) == (
+        load_make_shapes().CLASSES)
+    init_default_scope('mmdet')
+    model = MODELS.build(variant.model)
+    dk_layers = [name for name, module in model.named_modules()
+                 if isinstance(module, dk_mmdet.DepthwiseDKConv2d)]
+    # The 5x5 depthwise conv of each of RTMDet-tiny's four CSPNeXt blocks.
+    assert len(dk_layers) == 4
+    assert all(name.endswith('.conv2.depthwise_conv.conv') for name in dk_layers)
