@@ -28,10 +28,12 @@ import triton.language as tl  # noqa: E402
 
 import dk_ops  # noqa: E402
 import dk_ops.fused  # noqa: E402
+from determinism import deterministic_algorithms  # noqa: E402
 from dk_ops.fused import kernels  # noqa: E402
 from dk_ops.fused import op as fused_op  # noqa: E402
 from dk_reference import (PROBLEMS, REDUCED_PRECISION_PROBLEMS, Problem, by_name,  # noqa: E402
                           deform_kernel_conv2d_reference, output_and_gradients, problems_named)
+from op_arguments import forward_op_args  # noqa: E402
 from op_comparison import (TOLERANCE, assert_gradients_close,  # noqa: E402
                            assert_reduced_precision_close_to_float32)
 
@@ -97,6 +99,20 @@ def test_reduced_precision_matches_float32(problem, dtype):
                                               function=dk_ops.fused.deform_kernel_conv2d)
 
 
+def test_autocast_runs_in_the_autocast_dtype():
+    # As conv2d does: the float32 tensors are cast to bfloat16 and the op runs in it.
+    problem = PROBLEMS[0]
+    tensors = {name: None if t is None else t.to(DEVICE)
+               for name, t in problem.make_inputs(torch.float32).items()}
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        output = problem.call(dk_ops.fused.deform_kernel_conv2d, tensors)
+    expected = problem.call(dk_ops.fused.deform_kernel_conv2d,
+                            {name: None if t is None else t.bfloat16()
+                             for name, t in tensors.items()})
+    assert output.dtype == torch.bfloat16
+    assert torch.equal(output, expected)
+
+
 @pytest.mark.parametrize('float32_products, allow_tf32',
                          [('tf32', True), ('ieee', False)])
 def test_float32_products_follow_the_cudnn_tf32_switch(monkeypatch, float32_products,
@@ -139,6 +155,16 @@ def test_bad_arguments_raise_naming_them(change, error, message):
         problem.call(dk_ops.fused.deform_kernel_conv2d, tensors)
 
 
+@pytest.mark.parametrize('warn_only', [False, True], ids=['raises', 'warns'])
+def test_deterministic_mode_refuses_the_atomic_backward(warn_only):
+    problem = PROBLEMS[0]
+    with deterministic_algorithms(warn_only=warn_only):
+        with (pytest.warns(UserWarning, match='atomics') if warn_only else
+              pytest.raises(RuntimeError, match='atomics')):
+            output_and_gradients(problem, dk_ops.fused.deform_kernel_conv2d,
+                                 problem.make_inputs(torch.float32), view=on_device)
+
+
 def test_switch_leaves_the_cpu_op_alone_and_refuses_unknown_values(monkeypatch):
     problem = PROBLEMS[0]
     tensors = problem.make_inputs(torch.float32)
@@ -166,6 +192,19 @@ def test_switch_routes_cuda_tensors_to_the_fused_kernels(monkeypatch):
     torch.testing.assert_close(output.double().cpu(),
                                problem.call(deform_kernel_conv2d_reference, tensors).cpu(),
                                **TOLERANCE[torch.float32])
+
+
+@pytest.mark.skipif(INTERPRETED, reason="under TRITON_INTERPRET=1 torch.library.wrap_triton hands "
+                    "back the plain kernel, which fake tensors cannot trace: needs a GPU")
+def test_opcheck_and_compile():
+    problem = problems_named('data_offset_mask_dgroups2_groups2')[0]
+    tensors = {name: None if t is None else t.to(DEVICE)
+               for name, t in problem.make_inputs(torch.float32).items()}
+    torch.library.opcheck(torch.ops.dk_ops.fused_deform_kernel_conv2d.default,
+                          forward_op_args(problem, tensors))
+    compiled = torch.compile(dk_ops.fused.deform_kernel_conv2d, fullgraph=True)
+    torch.testing.assert_close(problem.call(compiled, tensors),
+                               problem.call(dk_ops.fused.deform_kernel_conv2d, tensors))
 
 
 # --------------------------------------------------------------------------- mutations

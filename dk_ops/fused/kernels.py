@@ -134,6 +134,31 @@ def input_samples(input, n, channels, channels_valid, top, left, frac_y, frac_x,
 
 
 @triton.jit
+def sample_tap(input, kernel_offset, data_offset, mask, n, tap, channels, channels_valid,
+               kernel_group, deform_group, loc, loc_valid, in_channels, height, width, out_w,
+               locations, taps, kernel_groups, deform_groups, kernel_w, stride_h, stride_w, pad_h,
+               pad_w, dilation_h, dilation_w, scope_shift_h, scope_shift_w, scope_h, scope_w,
+               HAS_DATA_OFFSET: tl.constexpr, HAS_MASK: tl.constexpr, S_PAD: tl.constexpr,
+               WITH_SLOPES: tl.constexpr):
+    """One tap at the locations ``loc``: the mask, the input samples of the block's channels
+    and the scope cells' weights (with WITH_SLOPES the slopes of both), and the input points'
+    top-left pixels and fractions."""
+    p_y, p_x, m, q_y, q_x = tap_points(n, tap, kernel_group, deform_group, loc, loc_valid,
+                                       kernel_offset, data_offset, mask, out_w, locations, taps,
+                                       kernel_groups, deform_groups, kernel_w, stride_h, stride_w,
+                                       pad_h, pad_w, dilation_h, dilation_w, scope_shift_h,
+                                       scope_shift_w, HAS_DATA_OFFSET, HAS_MASK)
+    top, left, frac_y, frac_x = input_corners(p_y, p_x, height, width)
+    sample, sample_dy, sample_dx = input_samples(input, n, channels, channels_valid, top, left,
+                                                 frac_y, frac_x, in_channels, height, width,
+                                                 WITH_SLOPES)
+    cell_weight, cell_weight_dy, cell_weight_dx = scope_weights(q_y, q_x, scope_h, scope_w,
+                                                                S_PAD, WITH_SLOPES)
+    return (m, sample, sample_dy, sample_dx, cell_weight, cell_weight_dy, cell_weight_dx, top,
+            left, frac_y, frac_x)
+
+
+@triton.jit
 def scope_column_tile(input, kernel_offset, data_offset, mask, n, channels, channels_valid,
                       kernel_group, deform_group, loc, loc_valid, in_channels, height, width,
                       out_w, locations, taps, kernel_groups, deform_groups, kernel_w, stride_h,
@@ -145,16 +170,12 @@ def scope_column_tile(input, kernel_offset, data_offset, mask, n, channels, chan
     (columns), in float32."""
     columns = tl.zeros((BLOCK_C, S_PAD, BLOCK_L), dtype=tl.float32)
     for tap in range(taps):
-        p_y, p_x, m, q_y, q_x = tap_points(n, tap, kernel_group, deform_group, loc, loc_valid,
-                                           kernel_offset, data_offset, mask, out_w, locations,
-                                           taps, kernel_groups, deform_groups, kernel_w,
-                                           stride_h, stride_w, pad_h, pad_w, dilation_h,
-                                           dilation_w, scope_shift_h, scope_shift_w,
-                                           HAS_DATA_OFFSET, HAS_MASK)
-        top, left, frac_y, frac_x = input_corners(p_y, p_x, height, width)
-        sample, _, _ = input_samples(input, n, channels, channels_valid, top, left, frac_y,
-                                     frac_x, in_channels, height, width, False)
-        cell_weight, _, _ = scope_weights(q_y, q_x, scope_h, scope_w, S_PAD, False)
+        m, sample, _, _, cell_weight, _, _, _, _, _, _ = sample_tap(
+            input, kernel_offset, data_offset, mask, n, tap, channels, channels_valid,
+            kernel_group, deform_group, loc, loc_valid, in_channels, height, width, out_w,
+            locations, taps, kernel_groups, deform_groups, kernel_w, stride_h, stride_w, pad_h,
+            pad_w, dilation_h, dilation_w, scope_shift_h, scope_shift_w, scope_h, scope_w,
+            HAS_DATA_OFFSET, HAS_MASK, S_PAD, False)
         columns += (sample * m[None, :])[:, None, :] * cell_weight[None, :, :]
     return tl.reshape(columns, (BLOCK_C * S_PAD, BLOCK_L))
 
@@ -171,7 +192,8 @@ def weight_tile_pointers(weight, out_channels, out_valid, group_channels, channe
                                        (BLOCK_C, S_PAD)), (BLOCK_C * S_PAD, ))
     valid_k = tl.reshape(tl.broadcast_to(channels_valid[:, None], (BLOCK_C, S_PAD)),
                          (BLOCK_C * S_PAD, )) & (cell < cells)
-    offsets = out_channels.to(tl.int64)[:, None] * group_channels * cells + (local * cells + cell)[None, :]
+    offsets = (out_channels.to(tl.int64)[:, None] * group_channels * cells +
+               (local * cells + cell)[None, :])
     return weight + offsets, out_valid[:, None] & valid_k[None, :]
 
 
@@ -319,18 +341,14 @@ def sampling_grad_kernel(grad_output, input, weight, kernel_offset, data_offset,
     planes = (n * in_channels + channels).to(tl.int64)[:, None] * height * width
     pixel_valid = channels_valid[:, None] & loc_valid[None, :]
     for tap in range(taps):
-        p_y, p_x, m, q_y, q_x = tap_points(n, tap, kernel_group, deform_group, loc, loc_valid,
-                                           kernel_offset, data_offset, mask, out_w, locations,
-                                           taps, kernel_groups, deform_groups, kernel_w,
-                                           stride_h, stride_w, pad_h, pad_w, dilation_h,
-                                           dilation_w, scope_shift_h, scope_shift_w,
-                                           HAS_DATA_OFFSET, HAS_MASK)
-        top, left, frac_y, frac_x = input_corners(p_y, p_x, height, width)
-        sample, sample_dy, sample_dx = input_samples(input, n, channels, channels_valid, top,
-                                                     left, frac_y, frac_x, in_channels, height,
-                                                     width, True)
-        cell_weight, cell_weight_dy, cell_weight_dx = scope_weights(q_y, q_x, scope_h, scope_w,
-                                                                    S_PAD, True)
+        (m, sample, sample_dy, sample_dx, cell_weight, cell_weight_dy, cell_weight_dx, top, left,
+         frac_y, frac_x) = sample_tap(input, kernel_offset, data_offset, mask, n, tap, channels,
+                                      channels_valid, kernel_group, deform_group, loc, loc_valid,
+                                      in_channels, height, width, out_w, locations, taps,
+                                      kernel_groups, deform_groups, kernel_w, stride_h, stride_w,
+                                      pad_h, pad_w, dilation_h, dilation_w, scope_shift_h,
+                                      scope_shift_w, scope_h, scope_w, HAS_DATA_OFFSET, HAS_MASK,
+                                      S_PAD, True)
         # d loss / d (m * X_c(p)) of this tap: grad Z weighted by the tap's scope cells.
         grad_sample = tl.sum(grad_columns * cell_weight[None, :, :], axis=1)
         grad_pixels = grad_sample * m[None, :]

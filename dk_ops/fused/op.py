@@ -7,6 +7,7 @@ The kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``
 """
 import math
 import os
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -21,16 +22,17 @@ INTERPRETED = os.environ.get('TRITON_INTERPRET', '0') == '1'
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_DTYPES = {torch.float32: triton.language.float32, torch.float16: triton.language.float16,
                  torch.bfloat16: triton.language.bfloat16}
-# The Z rows of one channel (the scope's cells) are padded to a power of two of at most this.
+# The most scope cells the fused path takes: a channel's Z rows, its cells padded to a power of
+# two (S_PAD), must fit a tile of MAX_TILE_ROWS.
 MAX_SCOPE_CELLS = 64
 
 
 # The tile shapes the autotuner tries on a GPU: (BLOCK_L locations, BLOCK_O output channels,
 # BLOCK_C input channels, warps, pipeline stages). A Z tile has BLOCK_C * S_PAD rows, at least
 # 16 (tl.dot's smallest K) since S_PAD >= 16. tools/analysis_tools/triton_resources.py compiles
-# every one for sm_90 and fails on spills.
+# every one for sm_90 and fails on spills (128 x 128 tiles spill in the float32 weight gradient).
 TUNING_TILES = [(64, 64, 2, 4, 2), (64, 64, 4, 4, 2), (64, 64, 1, 4, 3), (128, 64, 2, 8, 2),
-                (128, 64, 4, 8, 2), (64, 128, 2, 8, 2), (128, 128, 2, 8, 3), (128, 128, 4, 8, 2)]
+                (128, 64, 4, 8, 2), (64, 128, 2, 8, 2)]
 TUNING_CONFIGS = [triton.Config(dict(BLOCK_L=block_l, BLOCK_O=block_o, BLOCK_C=block_c),
                                 num_warps=warps, num_stages=stages)
                   for block_l, block_o, block_c, warps, stages in TUNING_TILES]
@@ -61,7 +63,6 @@ _weight_grad_kernel = _tuned(kernels.weight_grad_kernel)
 _sampling_grad_kernel = _tuned(kernels.sampling_grad_kernel,
                                reset_to_zero=['grad_input', 'grad_kernel_offset',
                                               'grad_data_offset', 'grad_mask'])
-
 
 
 def tile_count(size: int, tile: int) -> int:
@@ -102,10 +103,11 @@ class _Geometry:
         self.batch, self.in_channels, self.height, self.width = input.shape
         self.out_channels, self.group_channels, self.scope_h, self.scope_w = weight.shape
         kernel_h, kernel_w = kernel_size
-        self.out_h = (self.height + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
-        self.out_w = (self.width + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
+        self.out_h, self.out_w = (
+            (size + 2 * pad - dil * (kernel - 1) - 1) // step + 1
+            for size, kernel, step, pad, dil in zip((self.height, self.width), kernel_size,
+                                                    stride, padding, dilation))
         self.locations = self.out_h * self.out_w
-        self.groups = groups
         self.group_out_channels = self.out_channels // groups
         kernel_group_channels = self.in_channels // kernel_offset_groups
         deform_group_channels = self.in_channels // deform_groups
@@ -113,15 +115,14 @@ class _Geometry:
         self.segment_channels = math.gcd(self.group_channels, kernel_group_channels,
                                          deform_group_channels) or 1
         self.s_pad = max(16, triton.next_power_of_2(self.scope_h * self.scope_w))
-        # The sizes after ``in_channels, height, width, out_w, locations`` in every kernel's
-        # arguments, split around the channel-block count that only the forward takes.
+        # Every kernel takes these three runs of sizes, in this order.
+        self.image = (self.in_channels, self.height, self.width, self.out_w, self.locations)
         self.grouping = (groups, self.group_channels, self.group_out_channels,
                          self.segment_channels)
         self.sampling = (kernel_group_channels, deform_group_channels, kernel_h * kernel_w,
                          kernel_offset_groups, deform_groups, kernel_w, *stride, *padding,
                          *dilation, (self.scope_h - kernel_h) / 2, (self.scope_w - kernel_w) / 2,
                          self.scope_h, self.scope_w)
-        self.image = (self.in_channels, self.height, self.width, self.out_w, self.locations)
 
     def channel_blocks(self, meta) -> int:
         """Channel blocks of a group: every segment's channels in blocks of BLOCK_C."""
@@ -217,7 +218,19 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _alert_atomics():
+    """PyTorch's deterministic mode refuses the backward (or warns, with warn_only): its
+    gradients of the input, offsets and mask are added with atomics, in no fixed order."""
+    if torch.are_deterministic_algorithms_enabled():
+        message = ('deform_kernel_conv2d (fused): the backward adds the input, offset and mask '
+                   'gradients with atomics and is not deterministic')
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message)
+
+
 def _backward_formula(ctx, grad_output):
+    _alert_atomics()
     input, weight, kernel_offset, data_offset, mask = ctx.saved_tensors
     grads = fused_backward(grad_output, input, weight, kernel_offset, data_offset, mask,
                            *ctx.geometry)
