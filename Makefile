@@ -104,7 +104,10 @@ compare-converged: build $(SHAPES_LARGE_DATA)
 # compiler), in build/cuda-check so the CPU build stays as it is, then loads the library and
 # checks that the CUDA kernels are registered. That venv also runs the GPU benchmark's test on
 # the CPU (tests/test_benchmark_backbone.py): torchvision's wheels are CUDA builds, which import
-# only beside a CUDA build of torch, and the CPU venv cannot have them.
+# only beside a CUDA build of torch, and the CPU venv cannot have them. Its torch brings Triton:
+# the fused path's Triton kernels run on the CPU in Triton's interpreter (tests/test_op_fused.py)
+# and are compiled for sm_90 for their resource table (tools/analysis_tools/triton_resources.py,
+# which fails on spills).
 CUDA_VENV                ?= .venv-cuda
 CUDA_TORCH_VERSION       := 2.14.1
 CUDA_TORCHVISION_VERSION := 0.29.1
@@ -147,6 +150,9 @@ cuda-check: $(CUDA_VENV)/.stack-installed
 	print("cuda-check: dk_ops CUDA kernels built for sm_80, sm_90 and registered")'
 	PYTHONPATH=$(CUDA_CHECK_DIR)/lib $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider -rs \
 		tests/test_benchmark_backbone.py
+	TRITON_INTERPRET=1 PYTHONPATH=$(CUDA_CHECK_DIR)/lib $(CUDA_VENV)/bin/pytest -q \
+		-p no:cacheprovider -rs tests/test_op_fused.py
+	$(CUDA_VENV)/bin/python tools/analysis_tools/triton_resources.py
 
 # Refreshes the lock: the stack resolved afresh (the pins above, nothing else) in scratch venvs,
 # `make test` and `make cuda-check` there, and only then their `pip freeze` (local version

@@ -3,6 +3,7 @@
 The schemas and the CPU/CUDA kernels live in C++ (``dk_ops/csrc``); argument checks
 live there too, so a direct ``torch.ops.dk_ops`` call is as safe as this wrapper.
 """
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,6 +22,17 @@ def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
     if len(value) != 2 or not all(isinstance(v, int) for v in value):
         raise ValueError(f'{name} must be an int or a pair of ints, got {value!r}')
     return value
+
+
+def _runs_fused(input: Tensor, kernel_offset: Tensor) -> bool:
+    """Whether this call takes the fused Triton path: opt-in with ``DK_OPS_CUDA_PATH=fused``
+    (read on every call; unset or ``columns`` for the compiled op), for local kernel offsets on
+    CUDA in float32, float16 or bfloat16. No GPU has timed it yet (docs/gpu.md)."""
+    path = os.environ.get('DK_OPS_CUDA_PATH', '') or 'columns'
+    if path not in ('columns', 'fused'):
+        raise ValueError(f"DK_OPS_CUDA_PATH must be 'columns' or 'fused' (or unset), got '{path}'")
+    return (path == 'fused' and input.is_cuda and kernel_offset.dim() == 4 and
+            input.dtype != torch.float64)
 
 
 def deform_kernel_conv2d(input: Tensor,
@@ -75,7 +87,18 @@ def deform_kernel_conv2d(input: Tensor,
     ``data_offset``, the input gradient is added with atomics, so under
     ``torch.use_deterministic_algorithms(True)`` the backward raises (or warns, with
     ``warn_only=True``), as PyTorch's own nondeterministic ops do.
+
+    ``DK_OPS_CUDA_PATH=fused`` runs local DK on CUDA on the fused Triton kernels instead
+    (``dk_ops.fused``, docs/gpu.md).
     """
+    if _runs_fused(input, kernel_offset):
+        from dk_ops import fused  # here: Triton is imported only by those who ask for it
+        return fused.deform_kernel_conv2d(input, weight, kernel_offset, bias,
+                                          kernel_size=kernel_size, stride=stride,
+                                          padding=padding, dilation=dilation, groups=groups,
+                                          kernel_offset_groups=kernel_offset_groups,
+                                          data_offset=data_offset, mask=mask,
+                                          deform_groups=deform_groups)
     return _forward(input, weight, kernel_offset, data_offset, mask, bias,
                     _pair(kernel_size, 'kernel_size'), _pair(stride, 'stride'),
                     _pair(padding, 'padding'), _pair(dilation, 'dilation'), groups,

@@ -35,23 +35,24 @@ def off_the_kinks(offset):
 REDUCED_PRECISION_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def assert_reduced_precision_close_to_float32(problem, dtype, view):
-    """The op's output and gradients in ``dtype`` against float32 on the same rounded inputs,
-    with ``view(name, tensor)`` putting each tensor where the kernels run."""
+def assert_reduced_precision_close_to_float32(problem, dtype, view,
+                                              function=dk_ops.deform_kernel_conv2d):
+    """The output and gradients of ``function`` (the op by default) in ``dtype`` against float32
+    on the same rounded inputs, with ``view(name, tensor)`` putting each tensor where the
+    kernels run."""
     tensors = {name: None if t is None else view(name, t)
                for name, t in problem.make_inputs(dtype).items()}
     for name in ('kernel_offset', 'data_offset'):  # rounding may put points on the kinks
         if tensors[name] is not None:
             tensors[name] = off_the_kinks(tensors[name])
-    output, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors,
-                                             view=view)
+    output, gradients = output_and_gradients(problem, function, tensors, view=view)
     as_float32 = {name: None if t is None else t.float() for name, t in tensors.items()}
 
     def rounded_grad_output(name, tensor):  # float32 sees the same rounded grad_output too
         return view(name, tensor.to(dtype).float() if name == 'grad_output' else tensor)
 
-    expected_output, expected = output_and_gradients(problem, dk_ops.deform_kernel_conv2d,
-                                                     as_float32, view=rounded_grad_output)
+    expected_output, expected = output_and_gradients(problem, function, as_float32,
+                                                     view=rounded_grad_output)
     assert output.dtype == dtype and all(g.dtype == dtype for g in gradients.values())
     tolerance = REDUCED_PRECISION_TOLERANCE[dtype]
     for name, actual, wanted in [('output', output, expected_output)] + [
