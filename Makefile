@@ -49,9 +49,10 @@ $(VENV)/.stack-installed: $(CPU_LOCK)
 build: $(VENV)/.dk-built
 
 # Editable install: `import dk_ops` / `import dk_mmdet` work from anywhere, and the extension is
-# rebuilt whenever a C++ source or setup.py changes.
+# rebuilt whenever a C++ source or setup.py changes. DK_OPS_EMULATED_CUDA=1 adds the test suite's
+# emulated CUDA extension, which a user's `pip install .` leaves out.
 $(VENV)/.dk-built: $(VENV)/.stack-installed $(EXT_SOURCES)
-	$(PIP) install --no-build-isolation --no-deps --use-pep517 -e .
+	DK_OPS_EMULATED_CUDA=1 $(PIP) install --no-build-isolation --no-deps --use-pep517 -e .
 	touch $@
 
 test: build
@@ -149,7 +150,8 @@ lock:
 	$(LOCK_CUDA_VENV)/bin/python $(FREEZE) > $(CUDA_LOCK)
 	rm -rf $(LOCK_VENV) $(LOCK_CUDA_VENV)
 	# The in-place build of dk_ops belongs to $(VENV) again.
-	test ! -x $(VPY) || $(PIP) install --no-build-isolation --no-deps --use-pep517 -e .
+	test ! -x $(VPY) || DK_OPS_EMULATED_CUDA=1 $(PIP) install --no-build-isolation --no-deps \
+		--use-pep517 -e .
 
 clean:
 	rm -rf build dk_ops/_C*.so *.egg-info $(VENV)/.dk-built
