@@ -8,12 +8,11 @@ ResNet-50 c3 shape the emulated kernels would run for hours, so they are counted
 and so are the GEMMs: what is launched depends on the shapes only, not on the values."""
 import collections
 
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dk_ops
-from emulated_cuda import EMULATED_OPS, EmulatedCudaKernels
+from emulated_cuda import EMULATED_OPS, EmulatedCudaKernels, ieee_float32_gemms
 
 # ResNet-50's c3 3x3 convolution on an 800 x 800 image: 128 channels, 100 x 100.
 CHANNELS, SIZE = 128, 100
@@ -79,12 +78,8 @@ def launches_of_a_training_step(batch):
 def test_launches_do_not_grow_with_the_batch(monkeypatch):
     monkeypatch.delenv('DK_OPS_MAX_COLUMN_BYTES', raising=False)
     # The emulated TF32 rounds the GEMMs' operands with ATen ops that a GPU does not run.
-    convolutions = torch.backends.cudnn.conv
-    saved, convolutions.fp32_precision = convolutions.fp32_precision, 'ieee'
-    try:
+    with ieee_float32_gemms():
         counts = {batch: launches_of_a_training_step(batch) for batch in (2, 16)}
-    finally:
-        convolutions.fp32_precision = saved
     assert counts[16] == counts[2], counts
     kernel_launches, aten_ops = counts[16]
     assert aten_ops['aten.mm.out'] + aten_ops['aten.addmm_.default'] == 2 * 3, aten_ops

@@ -139,8 +139,10 @@ Tensor group_part(const Tensor& t, int64_t dim, int64_t groups, int64_t group) {
 at::ScalarType sum_dtype(const Tensor& t) {
   return is_reduced_precision(t) ? at::kFloat : t.scalar_type();
 }
-// The switch of cuDNN's convolutions, torch.backends.cudnn.allow_tf32 (or, where set,
-// torch.backends.cudnn.conv.fp32_precision, which torch names per operation from 2.13 on).
+// The TF32 switch of cuDNN's convolutions: torch.backends.cudnn.allow_tf32, or, where set,
+// torch.backends.cudnn.conv.fp32_precision. Torch 2.13 and later are asked for the
+// convolutions' own (asked for cuDNN's as a whole, they raise where convolutions and RNNs
+// differ); older ones, whose API this build has not seen, for the legacy switch.
 bool convolutions_allow_tf32() {
 #if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 13
   return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
