@@ -8,9 +8,10 @@ arrays live there), spill stores and loads, and static shared memory; this tool 
     python tools/analysis_tools/cuda_resources.py BUILD_LOG [--arch sm_90]
 
 Dynamic shared memory is 0 for all of them: DK_LAUNCH (dk_ops/csrc/cuda/launch.cuh) launches
-every kernel with none. The hot kernels, HOT_KERNELS, are those that every local or global DK
-layer runs for every element: a stack frame or a spill there costs local-memory traffic on
-every element, so the tool exits with status 1 if one has either.
+every kernel with none. The hot kernels, HOT_KERNELS, are those that sample for every element
+of a local or global DK layer (the opt-in implicit GEMMs among them): a stack frame or a spill
+there costs local-memory traffic on every element, so the tool exits with status 1 if one has
+either.
 """
 import argparse
 import dataclasses
