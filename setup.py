@@ -5,10 +5,11 @@ or FORCE_CUDA=1, so GPU builds also work on machines without a GPU. TORCH_CUDA_A
 picks the architectures, as for any torch extension; without it and without a GPU to ask,
 the build takes DEFAULT_CUDA_ARCHS.
 
-DK_OPS_EMULATED_CUDA=1 adds a second extension for the test suite (`make build` sets it),
-dk_ops._C_emulated_cuda: the CUDA kernels compiled for host threads (csrc/emulated_cuda/),
-which the tests run on a CPU. It links to dk_ops._C, whose driver it calls. A plain
-`pip install .` leaves it out: users would pay its compile time and never call it.
+A second extension, dk_ops._C_emulated_cuda, is for the test suite: the CUDA kernels compiled
+for host threads (csrc/emulated_cuda/), which the tests run on a CPU. It links to dk_ops._C,
+whose driver it calls. It is built in place (`build_ext --inplace`, a developer's tree) and
+where DK_OPS_EMULATED_CUDA=1 (`make build` sets it); a wheel, as `pip install .` builds, leaves
+it out: users would pay its compile time and never call it.
 """
 import glob
 import os
@@ -125,8 +126,8 @@ def extension():
 EMULATED_CUDA = 'dk_ops._C_emulated_cuda'
 
 
-def builds_emulated_cuda(environ) -> bool:
-    return environ.get('DK_OPS_EMULATED_CUDA', '0') == '1'
+def builds_emulated_cuda(environ, inplace: bool) -> bool:
+    return inplace or environ.get('DK_OPS_EMULATED_CUDA', '0') == '1'
 
 
 def emulated_cuda_extension():
@@ -143,8 +144,13 @@ def emulated_cuda_extension():
 
 
 class BuildExtensions(BuildExtension):
-    """Links dk_ops._C_emulated_cuda to the dk_ops._C just built (the extensions build in
-    order)."""
+    """Builds dk_ops._C_emulated_cuda only where builds_emulated_cuda says, and links it to the
+    dk_ops._C just built (the extensions build in order)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not builds_emulated_cuda(os.environ, self.inplace):
+            self.extensions = [ext for ext in self.extensions if ext.name != EMULATED_CUDA]
 
     def build_extension(self, ext):
         if ext.name == EMULATED_CUDA:
@@ -163,8 +169,7 @@ if __name__ == '__main__':
         packages=find_packages(include=['dk_ops', 'dk_ops.*', 'dk_mmdet', 'dk_mmdet.*']),
         python_requires='>=3.9',
         install_requires=['torch>=2.4'],
-        ext_modules=[extension()] +
-        ([emulated_cuda_extension()] if builds_emulated_cuda(os.environ) else []),
+        ext_modules=[extension(), emulated_cuda_extension()],
         cmdclass={'build_ext': BuildExtensions},
         zip_safe=False,
     )

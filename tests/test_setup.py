@@ -69,10 +69,28 @@ def test_this_machines_compiler_is_read_as_gcc(setup_py):
     assert setup_py.gcc_version('no-such-compiler-here') is None
 
 
-def test_the_emulated_cuda_extension_is_built_on_request_only(setup_py):
-    assert not setup_py.builds_emulated_cuda({})
-    assert not setup_py.builds_emulated_cuda({'DK_OPS_EMULATED_CUDA': '0'})
-    assert setup_py.builds_emulated_cuda({'DK_OPS_EMULATED_CUDA': '1'})
+def test_the_emulated_cuda_extension_is_built_in_place_or_on_request_only(setup_py):
+    assert not setup_py.builds_emulated_cuda({}, inplace=False)
+    assert not setup_py.builds_emulated_cuda({'DK_OPS_EMULATED_CUDA': '0'}, inplace=False)
+    assert setup_py.builds_emulated_cuda({'DK_OPS_EMULATED_CUDA': '1'}, inplace=False)
+    assert setup_py.builds_emulated_cuda({}, inplace=True)
+
+
+@pytest.mark.parametrize('arguments, built', [
+    (['build_ext'], ['dk_ops._C']),
+    (['bdist_wheel'], ['dk_ops._C']),
+    (['build_ext', '--inplace'], ['dk_ops._C', 'dk_ops._C_emulated_cuda']),
+])
+def test_which_extensions_a_build_compiles(arguments, built, monkeypatch):
+    import setuptools  # noqa: F401  (its distutils)
+    from distutils.core import run_setup
+    monkeypatch.delenv('DK_OPS_EMULATED_CUDA', raising=False)
+    monkeypatch.delenv('FORCE_CUDA', raising=False)
+    monkeypatch.chdir(SETUP_PY.parent)
+    distribution = run_setup(str(SETUP_PY), script_args=arguments, stop_after='commandline')
+    build_ext = distribution.get_command_obj('build_ext')
+    build_ext.ensure_finalized()
+    assert [extension.name for extension in build_ext.extensions] == built
 
 
 def test_nvcc_gets_lineinfo(setup_py):
