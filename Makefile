@@ -49,9 +49,10 @@ $(VENV)/.stack-installed: $(CPU_LOCK)
 build: $(VENV)/.dk-built
 
 # Editable install: `import dk_ops` / `import dk_mmdet` work from anywhere, and the extension is
-# rebuilt whenever a C++ source or setup.py changes.
+# rebuilt whenever a C++ source or setup.py changes. DK_OPS_EMULATED_CUDA=1 adds the test suite's
+# emulated CUDA extension, which a user's `pip install .` leaves out.
 $(VENV)/.dk-built: $(VENV)/.stack-installed $(EXT_SOURCES)
-	$(PIP) install --no-build-isolation --no-deps --use-pep517 -e .
+	DK_OPS_EMULATED_CUDA=1 $(PIP) install --no-build-isolation --no-deps --use-pep517 -e .
 	touch $@
 
 test: build
@@ -99,21 +100,24 @@ compare-converged: build $(SHAPES_LARGE_DATA)
 	nice -n 10 $(VPY) tools/run_study.py --study converged
 
 # Compile check of the CUDA kernels on machines without a GPU: builds the extension with nvcc
-# for sm_80 and sm_90 against a CUDA build of torch in its own venv (the math-library headers
+# for CUDA_ARCHS against a CUDA build of torch in its own venv (the math-library headers
 # that ATen's CUDA headers include come from its nvidia wheels; /usr/local/cuda has only the
-# compiler), in build/cuda-check so the CPU build stays as it is, then loads the library and
-# checks that the CUDA kernels are registered. That venv also runs the GPU benchmark's test on
-# the CPU (tests/test_benchmark_backbone.py): torchvision's wheels are CUDA builds, which import
-# only beside a CUDA build of torch, and the CPU venv cannot have them. Its torch brings Triton:
-# the fused path's Triton kernels run on the CPU in Triton's interpreter (tests/test_op_fused.py)
-# and are compiled for sm_90 for their resource table (tools/analysis_tools/triton_resources.py,
-# which fails on spills).
+# compiler), in build/cuda-check so the CPU build stays as it is, prints every kernel's
+# registers, spills, stack frame and shared memory for sm_90 from ptxas's report and fails if
+# a hot kernel spills or keeps an array in local memory (tools/analysis_tools/cuda_resources.py),
+# then loads the library and checks that the CUDA kernels are registered. That venv also runs
+# the GPU benchmark's test on the CPU (tests/test_benchmark_backbone.py): torchvision's wheels
+# are CUDA builds, which import only beside a CUDA build of torch, and the CPU venv cannot have
+# them. Its torch brings Triton: the fused path's Triton kernels run on the CPU in Triton's
+# interpreter (tests/test_op_fused.py) and are compiled for sm_90 for their resource table
+# (tools/analysis_tools/triton_resources.py, which fails on spills).
+# `make cuda-check CUDA_ARCHS=9.0` builds sm_90 alone.
 CUDA_VENV                ?= .venv-cuda
 CUDA_TORCH_VERSION       := 2.14.1
 CUDA_TORCHVISION_VERSION := 0.29.1
 CUDA_HOME                ?= /usr/local/cuda
-CUDA_ARCHS               := 8.0;9.0
-CUDA_CHECK_DIR           := build/cuda-check
+CUDA_ARCHS               ?= 8.0;9.0+PTX
+CUDA_CHECK_DIR           ?= build/cuda-check
 
 # The CUDA build of torch and its nvidia wheels take about 5.5 GB installed: say so up front
 # rather than fail inside pip with "No space left on device".
@@ -135,11 +139,15 @@ $(CUDA_VENV)/.stack-installed: $(CUDA_LOCK)
 # The test runs through bin/pytest: `python -m pytest` would put the working directory first
 # on sys.path, and with it the CPU venv's dk_ops, built for another torch.
 cuda-check: $(CUDA_VENV)/.stack-installed
+	mkdir -p $(CUDA_CHECK_DIR)
 	CUDA_HOME=$(CUDA_HOME) PATH="$(CUDA_HOME)/bin:$$PATH" \
 	CPATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')" \
-	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 \
+	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 NVCC_APPEND_FLAGS=-Xptxas=-v \
 	$(CUDA_VENV)/bin/python setup.py build --force --build-temp $(CUDA_CHECK_DIR)/temp \
-		--build-lib $(CUDA_CHECK_DIR)/lib
+		--build-lib $(CUDA_CHECK_DIR)/lib > $(CUDA_CHECK_DIR)/build.log 2>&1 \
+		|| { tail -n 60 $(CUDA_CHECK_DIR)/build.log; exit 1; }
+	$(CUDA_VENV)/bin/python tools/analysis_tools/cuda_resources.py $(CUDA_CHECK_DIR)/build.log \
+		--arch sm_90
 	$(CUDA_VENV)/bin/python -c 'import glob, torch; \
 	torch.ops.load_library(glob.glob("$(CUDA_CHECK_DIR)/lib/dk_ops/_C.*.so")[0]); \
 	has = torch._C._dispatch_has_kernel_for_dispatch_key; \
@@ -147,7 +155,7 @@ cuda-check: $(CUDA_VENV)/.stack-installed
 	           for key in ("CPU", "CUDA", "AutocastCPU", "AutocastCUDA") \
 	           if not has("dk_ops::" + op, key)]; \
 	assert not missing, f"kernels not registered: {missing}"; \
-	print("cuda-check: dk_ops CUDA kernels built for sm_80, sm_90 and registered")'
+	print("cuda-check: dk_ops CUDA kernels built for $(CUDA_ARCHS) and registered")'
 	PYTHONPATH=$(CUDA_CHECK_DIR)/lib $(CUDA_VENV)/bin/pytest -q -p no:cacheprovider -rs \
 		tests/test_benchmark_backbone.py
 	TRITON_INTERPRET=1 PYTHONPATH=$(CUDA_CHECK_DIR)/lib $(CUDA_VENV)/bin/pytest -q \
@@ -171,7 +179,8 @@ lock:
 	$(LOCK_CUDA_VENV)/bin/python $(FREEZE) > $(CUDA_LOCK)
 	rm -rf $(LOCK_VENV) $(LOCK_CUDA_VENV)
 	# The in-place build of dk_ops belongs to $(VENV) again.
-	test ! -x $(VPY) || $(PIP) install --no-build-isolation --no-deps --use-pep517 -e .
+	test ! -x $(VPY) || DK_OPS_EMULATED_CUDA=1 $(PIP) install --no-build-isolation --no-deps \
+		--use-pep517 -e .
 
 clean:
 	rm -rf build dk_ops/_C*.so *.egg-info $(VENV)/.dk-built

@@ -6,6 +6,7 @@ launch runs, with the lanes of a warp in lock-step at their shuffles
 (dk_ops/csrc/emulated_cuda/emulated_cuda.h). It registers its launchers, and the emulation's own test
 kernels, as the ops of ``EMULATED_OPS``."""
 import collections
+import contextlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,9 +43,23 @@ class EmulatedCudaKernels(TorchDispatchMode):
                                        **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def ieee_float32_gemms():
+    """The driver's float32 GEMMs in full float32 under it. They follow the TF32 switch of
+    cuDNN's convolutions, on by default, as on a GPU; emulated, TF32 rounds their operands
+    (tests/test_op_tf32.py), which float32's tolerance against the reference does not allow."""
+    convolutions = torch.backends.cudnn.conv
+    saved, convolutions.fp32_precision = convolutions.fp32_precision, 'ieee'
+    try:
+        yield
+    finally:
+        convolutions.fp32_precision = saved
+
+
 def emulated_output_and_gradients(problem, tensors, **kwargs):
-    """``output_and_gradients`` of the op, its forward and backward run by the CUDA kernels."""
-    with EmulatedCudaKernels() as emulated:
+    """``output_and_gradients`` of the op, its forward and backward run by the CUDA kernels
+    with float32 GEMMs."""
+    with EmulatedCudaKernels() as emulated, ieee_float32_gemms():
         result = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, tensors, **kwargs)
     assert emulated.calls == {'deform_kernel_conv2d': 1, 'deform_kernel_conv2d_backward': 1}
     return result

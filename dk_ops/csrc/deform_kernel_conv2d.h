@@ -65,6 +65,16 @@ struct ColumnChunk {
 // tap row (a superset: the input-gradient gathers skip columns outside the chunk).
 std::pair<int64_t, int64_t> rigid_input_rows(const ColumnChunk& chunk);
 
+// How the driver cuts the batch's columns into chunks of Z (columns_per_chunk).
+enum class ColumnChunking {
+  // The CPU's: chunks small enough that the GEMM finds in cache what the sampling pass wrote.
+  kCacheSized,
+  // A GPU's: ceil(S / taps) chunks whatever the batch, so that a layer's launches do not grow
+  // with the batch, and a chunk's Z takes no more memory than the im2col columns of the whole
+  // batch (taps * C_in a column) that torchvision's deform_conv2d holds at once.
+  kFewPerBatch,
+};
+
 // The loops that differ per device; the GEMMs, layouts and chunking around them are
 // shared (deform_kernel_conv2d_driver.cpp, which picks the strategy that calls them). Each writes
 // only the tensors it receives.
@@ -93,6 +103,12 @@ struct ColumnKernels {
   // and weight-gradient GEMMs.
   void (*implicit_gemm_weight_grad)(const ColumnChunk& chunk, const at::Tensor& grad_out_rows,
                                     at::Tensor& grad_weight_cols) = nullptr;
+  ColumnChunking chunking = ColumnChunking::kCacheSized;
+  // The GEMMs on float32 columns: out = a @ b, or out += a @ b where `accumulate`, in TF32 where
+  // `tf32` (the driver passes the switch of cuDNN's convolutions, torch.backends.cudnn.allow_tf32:
+  // DK stands in for a convolution). Null: at::mm as it is (the CPU has no TF32).
+  void (*float32_product)(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                          bool accumulate, bool tf32) = nullptr;
 };
 
 // The global path's three kernels (global_kernel.h has their math; the driver runs the

@@ -25,6 +25,7 @@
 // select_strategy, with its forward and backward functions.
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -138,13 +139,32 @@ Tensor group_part(const Tensor& t, int64_t dim, int64_t groups, int64_t group) {
 at::ScalarType sum_dtype(const Tensor& t) {
   return is_reduced_precision(t) ? at::kFloat : t.scalar_type();
 }
-// sum += a @ b. A float32 sum of half / bfloat16 products gets each product rounded once, where
-// a sum in their dtype would round at every addition.
-void add_product(const Tensor& sum, const Tensor& a, const Tensor& b) {
-  if (sum.scalar_type() == a.scalar_type()) {
-    sum.addmm_(a, b);
+// The TF32 switch of cuDNN's convolutions: torch.backends.cudnn.allow_tf32, or, where set,
+// torch.backends.cudnn.conv.fp32_precision. Torch 2.13 and later are asked for the
+// convolutions' own (asked for cuDNN's as a whole, they raise where convolutions and RNNs
+// differ); older ones, whose API this build has not seen, for the legacy switch.
+bool convolutions_allow_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 13
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+#else
+  return at::globalContext().allowTF32CuDNN();
+#endif
+}
+
+// out = a @ b, or out += a @ b where `accumulate`. Float32 products go to the device's
+// float32_product where it has one, in TF32 where cuDNN's convolutions would be. A float32 sum
+// of half / bfloat16 products gets each product rounded once, where a sum in their dtype would
+// round at every addition.
+void multiply(const ColumnKernels& kernels, Tensor out, const Tensor& a, const Tensor& b,
+              bool accumulate) {
+  if (a.scalar_type() == at::kFloat && kernels.float32_product != nullptr) {
+    kernels.float32_product(out, a, b, accumulate, convolutions_allow_tf32());
+  } else if (!accumulate) {
+    at::mm_out(out, a, b);
+  } else if (out.scalar_type() == a.scalar_type()) {
+    out.addmm_(a, b);
   } else {
-    sum.add_(at::mm(a, b));
+    out.add_(at::mm(a, b));
   }
 }
 
@@ -288,29 +308,34 @@ Gradients backward_global(const GlobalKernels& kernels, const DeformKernelGeomet
 // ------------------------------------------------------------------ the local path's chunks
 
 // The local path samples and multiplies the columns chunk by chunk, so the buffer stays
-// bounded. On CPU a chunk of 4 MB is still in cache when the GEMM reads what the sampling
-// pass has just written, but never fewer than 512 columns, the GEMMs' N, below which MKL
-// loses more than the cache saves (2-core EPYC, forward+backward: c3 scope 4 ran 2.75x of
-// F.conv2d at 4 MB / 512 columns against 3.23x at 16 MB; c5 scope 4 ran 2.69x at 4 MB /
-// 128 columns against 2.34x at 16 MB / 512 columns). GPUs take 16 MB, enough to fill the
-// device and amortise the launches.
-int64_t columns_per_chunk(const DeformKernelGeometry& g, const Tensor& input,
-                          const DriverSettings& settings) {
+// bounded (ColumnChunking). On CPU a chunk of 4 MB is still in cache when the GEMM reads what
+// the sampling pass has just written, but never fewer than 512 columns, the GEMMs' N, below
+// which MKL loses more than the cache saves (2-core EPYC, forward+backward: c3 scope 4 ran
+// 2.75x of F.conv2d at 4 MB / 512 columns against 3.23x at 16 MB; c5 scope 4 ran 2.69x at
+// 4 MB / 128 columns against 2.34x at 16 MB / 512 columns). A GPU takes ceil(S / taps) chunks
+// of the batch: 16 MB chunks made c3 (128 channels, 100 x 100, scope 4) 79 chunks at batch 16,
+// 567 launches a training step against 84 at batch 2 (tests/test_op_local_launches.py's count).
+int64_t columns_per_chunk(const ColumnKernels& kernels, const DeformKernelGeometry& g,
+                          const Tensor& input, const DriverSettings& settings) {
   // Positive: no input channels take the bias-only strategy, and the scope is at least a tap.
   const int64_t per_column = g.in_channels * g.scope_cells() * input.element_size();
   TORCH_INTERNAL_ASSERT(per_column > 0, "columns_per_chunk: a column of no bytes");
   if (settings.max_column_bytes) {
     return std::max<int64_t>(1, *settings.max_column_bytes / per_column);
   }
-  if (!input.is_cpu()) return std::max<int64_t>(1, (int64_t{16} << 20) / per_column);
+  if (kernels.chunking == ColumnChunking::kFewPerBatch) {
+    const int64_t chunks = (g.scope_cells() + g.taps() - 1) / g.taps();
+    return std::max<int64_t>(1, (g.batch * g.positions() + chunks - 1) / chunks);
+  }
   return std::max<int64_t>(512, (int64_t{4} << 20) / per_column);
 }
 
 // The implicit GEMMs keep no Z to bound, so they take all the columns at once, unless
 // DK_OPS_MAX_COLUMN_BYTES asks for chunks.
-int64_t implicit_gemm_columns_per_chunk(const DeformKernelGeometry& g, const Tensor& input,
+int64_t implicit_gemm_columns_per_chunk(const ColumnKernels& kernels,
+                                        const DeformKernelGeometry& g, const Tensor& input,
                                         const DriverSettings& settings) {
-  return settings.max_column_bytes ? columns_per_chunk(g, input, settings)
+  return settings.max_column_bytes ? columns_per_chunk(kernels, g, input, settings)
                                    : g.batch * g.positions();
 }
 
@@ -406,15 +431,15 @@ Gradients gradients_through_grad_z(const ColumnKernels& kernels, const DriverSet
   Tensor grad_data_columns = wanted.data_offset ? at::zeros_like(chunk.data_offset) : Tensor();
   Tensor grad_mask_columns = wanted.mask ? at::zeros_like(chunk.mask) : Tensor();
   if (wanted.input || wanted.offsets_or_mask()) {
-    const int64_t step = columns_per_chunk(g, chunk.input, settings);
+    const int64_t step = columns_per_chunk(kernels, g, chunk.input, settings);
     auto grad_z = chunk_rows_buffer(g, step, chunk.input);
     for_each_chunk(chunk, step, [&] {
       const auto grad_out_chunk = local.grad_out_rows.narrow(0, chunk.first, chunk.count);
       auto grad_z_chunk = grad_z.narrow(0, 0, chunk.count);
       for (int64_t group = 0; group < g.groups; ++group) {
         auto grad_z_part = group_part(grad_z_chunk, 1, g.groups, group);
-        at::mm_out(grad_z_part, group_part(grad_out_chunk, 1, g.groups, group),
-                   group_part(local.weight_rows, 0, g.groups, group));
+        multiply(kernels, grad_z_part, group_part(grad_out_chunk, 1, g.groups, group),
+                 group_part(local.weight_rows, 0, g.groups, group), /*accumulate=*/false);
       }
       if (wanted.input) gather_input_grad(kernels, chunk, grad_z_chunk, grad_input_cl);
       if (wanted.offsets_or_mask()) {
@@ -461,7 +486,7 @@ Tensor forward_columns(const ColumnKernels& kernels, const DriverSettings& setti
   auto chunk = batch_in_column_layout(g, t);
   auto out_rows = at::empty({g.batch * g.positions(), g.out_channels}, t.input.options());
   const auto weight_rows = weight_cells_last(g, t.weight);
-  const int64_t step = columns_per_chunk(g, t.input, settings);
+  const int64_t step = columns_per_chunk(kernels, g, t.input, settings);
   auto z = chunk_rows_buffer(g, step, t.input);
   for_each_chunk(chunk, step, [&] {
     auto z_chunk = z.narrow(0, 0, chunk.count);
@@ -469,8 +494,8 @@ Tensor forward_columns(const ColumnKernels& kernels, const DriverSettings& setti
     const auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
     for (int64_t group = 0; group < g.groups; ++group) {
       auto out_part = group_part(out_chunk, 1, g.groups, group);
-      at::mm_out(out_part, group_part(z_chunk, 1, g.groups, group),
-                 group_part(weight_rows, 0, g.groups, group).t());
+      multiply(kernels, out_part, group_part(z_chunk, 1, g.groups, group),
+               group_part(weight_rows, 0, g.groups, group).t(), /*accumulate=*/false);
     }
   });
   return output_from_rows(out_rows, g, t.bias);
@@ -484,15 +509,15 @@ Gradients backward_columns(const ColumnKernels& kernels, const DriverSettings& s
   return local_backward(kernels, settings, g, t, grad_output, wanted,
                         [&](LocalBackward& local, Tensor& grad_weight_cols) {
     auto& chunk = local.chunk;
-    const int64_t step = columns_per_chunk(g, chunk.input, settings);
+    const int64_t step = columns_per_chunk(kernels, g, chunk.input, settings);
     auto z = chunk_rows_buffer(g, step, chunk.input);
     for_each_chunk(chunk, step, [&] {
       auto z_chunk = z.narrow(0, 0, chunk.count);
       scatter_scope_columns(kernels, chunk, z_chunk);
       const auto grad_out_chunk = local.grad_out_rows.narrow(0, chunk.first, chunk.count);
       for (int64_t group = 0; group < g.groups; ++group) {
-        add_product(grad_weight_cols[group], group_part(z_chunk, 1, g.groups, group).t(),
-                    group_part(grad_out_chunk, 1, g.groups, group));
+        multiply(kernels, grad_weight_cols[group], group_part(z_chunk, 1, g.groups, group).t(),
+                 group_part(grad_out_chunk, 1, g.groups, group), /*accumulate=*/true);
       }
     });
   });
@@ -505,7 +530,7 @@ Tensor forward_implicit_gemm(const ColumnKernels& kernels, const DriverSettings&
   auto chunk = batch_in_column_layout(g, t);
   auto out_rows = at::empty({g.batch * g.positions(), g.out_channels}, t.input.options());
   const auto weight = t.weight.contiguous();
-  for_each_chunk(chunk, implicit_gemm_columns_per_chunk(g, t.input, settings), [&] {
+  for_each_chunk(chunk, implicit_gemm_columns_per_chunk(kernels, g, t.input, settings), [&] {
     auto out_chunk = out_rows.narrow(0, chunk.first, chunk.count);
     RECORD_FUNCTION("dk_ops::implicit_gemm_forward", std::vector<c10::IValue>());
     kernels.implicit_gemm_forward(chunk, weight, out_chunk);
@@ -519,7 +544,8 @@ Gradients backward_implicit_gemm(const ColumnKernels& kernels, const DriverSetti
   return local_backward(kernels, settings, g, t, grad_output, wanted,
                         [&](LocalBackward& local, Tensor& grad_weight_cols) {
     auto& chunk = local.chunk;
-    for_each_chunk(chunk, implicit_gemm_columns_per_chunk(g, chunk.input, settings), [&] {
+    const int64_t step = implicit_gemm_columns_per_chunk(kernels, g, chunk.input, settings);
+    for_each_chunk(chunk, step, [&] {
       const auto grad_out_chunk = local.grad_out_rows.narrow(0, chunk.first, chunk.count);
       RECORD_FUNCTION("dk_ops::implicit_gemm_weight_grad", std::vector<c10::IValue>());
       kernels.implicit_gemm_weight_grad(chunk, grad_out_chunk, grad_weight_cols);

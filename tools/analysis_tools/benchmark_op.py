@@ -16,7 +16,7 @@ and the ratios stay fair:
 
 --cases times only the named cases (and F.conv2d, the baseline of every ratio).
 --column-mib 64 256 adds local DK scope 4 with those column buffers (DK_OPS_MAX_COLUMN_BYTES) to
-the cases: the op's default on a GPU is 16 MiB, a guess that nobody has timed against others.
+the cases: the op's default on a GPU is ceil(S / taps) chunks of the batch, untimed against others.
 On CUDA it also times the opt-in implicit GEMMs of local DK (DK_OPS_LOCAL_KERNELS=implicit_gemm,
 docs/gpu.md) in the rows marked "implicit GEMM": the forward and the weight gradient without the
 scope columns, the other gradients as in the rows above them.
@@ -166,7 +166,8 @@ def main():
     parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
     parser.add_argument('--stages', nargs='+', default=list(STAGES), choices=list(STAGES))
     parser.add_argument('--tf32', action='store_true',
-                        help='let float32 GEMMs (the op\'s) use TF32, as cuDNN convs do by default')
+                        help='let torch.matmul\'s float32 GEMMs (torchvision\'s DCN) use TF32 '
+                        'too; the op\'s follow cuDNN\'s switch, as convolutions do')
     parser.add_argument('--column-mib', type=int, nargs='*', default=[],
                         help='also time local DK scope 4 with column buffers of these sizes')
     parser.add_argument('--cases', nargs='+', metavar='NAME',
@@ -183,8 +184,9 @@ def main():
                      f'or pixels: (channels, size) {shapes}')
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32 or torch.backends.cuda.matmul.allow_tf32
-    where = (f'{torch.cuda.get_device_name(device)}, TF32 in cuDNN convs '
-             f'{torch.backends.cudnn.allow_tf32}, in GEMMs {torch.backends.cuda.matmul.allow_tf32}'
+    where = (f'{torch.cuda.get_device_name(device)}, TF32 in cuDNN convs and dk_ops GEMMs '
+             f'(cudnn.allow_tf32) {torch.backends.cudnn.allow_tf32}, in other GEMMs '
+             f'(cuda.matmul.allow_tf32) {torch.backends.cuda.matmul.allow_tf32}'
              if device.type == 'cuda' else f'threads={torch.get_num_threads()}')
     print(f'device={device} ({where}) dtype={args.dtype} batch={args.batch}'
           f' torch={torch.__version__}')

@@ -18,6 +18,11 @@ struct Channel {
   int64_t index, group, in_group, kernel_group, deform_group;
 };
 
+// A tap of the kernel: its index (row-major) and its row and column in the kernel.
+struct Tap {
+  int64_t index, y, x;
+};
+
 // One column of the chunk: its global and chunk-local indices, the offset of its image in
 // the channels-last input and the rigid-grid input coordinate of tap (0, 0).
 struct Column {
@@ -89,28 +94,40 @@ struct ColumnView {
             (position / out_w) * stride_h - pad_h, (position % out_w) * stride_w - pad_w};
   }
 
+  // Tap `index`, for the kernels that take it from a flat work item.
+  __device__ Tap tap(int64_t index) const { return {index, index / kernel_w, index % kernel_w}; }
+
+  // Calls visit(tap) for every tap in order: the loops over taps need no division per tap.
+  template <typename Visit>
+  __device__ void for_each_tap(Visit&& visit) const {
+    for (int64_t y = 0, index = 0; y < kernel_h; ++y) {
+      for (int64_t x = 0; x < kernel_w; ++x, ++index) visit(Tap{index, y, x});
+    }
+  }
+
   // Index of (scope cell, channel) inside a row of Z.
   __device__ int64_t z_index(const Channel& ch, int64_t cell) const {
     return (ch.group * cells + cell) * group_channels + ch.in_group;
   }
 
   // Where `tap` of kernel offset group `kernel_group` samples the scope at global column `col`.
-  __device__ BilinearPoint<acc_t> scope_point(int64_t kernel_group, int64_t tap,
+  __device__ BilinearPoint<acc_t> scope_point(int64_t kernel_group, const Tap& tap,
                                               int64_t col) const {
-    const scalar_t* dy = kernel_offset + 2 * (kernel_group * taps + tap) * all_columns + col;
-    const acc_t y = origin_h + acc_t(tap / kernel_w) + static_cast<acc_t>(dy[0]);
-    const acc_t x = origin_w + acc_t(tap % kernel_w) + static_cast<acc_t>(dy[all_columns]);
+    const scalar_t* dy = kernel_offset + 2 * (kernel_group * taps + tap.index) * all_columns + col;
+    const acc_t y = origin_h + acc_t(tap.y) + static_cast<acc_t>(dy[0]);
+    const acc_t x = origin_w + acc_t(tap.x) + static_cast<acc_t>(dy[all_columns]);
     return locate<acc_t>(y, x, scope_h, scope_w);
   }
 
   // Where `tap` of deform group `deform_group` samples the input at the column. On a rigid
   // grid the point is a whole pixel (see for_each_data_corner).
-  __device__ BilinearPoint<acc_t> data_point(int64_t deform_group, int64_t tap,
+  __device__ BilinearPoint<acc_t> data_point(int64_t deform_group, const Tap& tap,
                                              const Column& col) const {
-    const acc_t y = acc_t(col.y + (tap / kernel_w) * dilation_h);
-    const acc_t x = acc_t(col.x + (tap % kernel_w) * dilation_w);
+    const acc_t y = acc_t(col.y + tap.y * dilation_h);
+    const acc_t x = acc_t(col.x + tap.x * dilation_w);
     if (data_offset == nullptr) return locate<acc_t>(y, x, height, width);
-    const scalar_t* dy = data_offset + 2 * (deform_group * taps + tap) * all_columns + col.global;
+    const scalar_t* dy =
+        data_offset + 2 * (deform_group * taps + tap.index) * all_columns + col.global;
     return locate<acc_t>(y + static_cast<acc_t>(dy[0]), x + static_cast<acc_t>(dy[all_columns]),
                          height, width);
   }
@@ -143,16 +160,18 @@ struct ColumnView {
   }
 };
 
-// Adds to sums[cell - pass_begin], for the scope cells [pass_begin, pass_end) of one
+// Adds to sums[(cell - pass_begin) * stride], for the scope cells [pass_begin, pass_end) of one
 // (column, channel), Z[col, cell, c] = sum over taps of B_cell(q) * m * X_c(p); X is sampled
-// only for the taps with a corner in the pass. Shared by the scope-column kernel and the
-// implicit GEMM (implicit_gemm.cuh).
+// only for the taps with a corner in the pass. The sums are the thread's own entries of an array
+// in shared memory: the cell is known at run time only, and a thread's array indexed at run
+// time would live in local memory. Shared by the scope-column kernel and the implicit GEMM
+// (implicit_gemm.cuh).
 template <typename scalar_t>
 __device__ void add_scope_pass(const ColumnView<scalar_t>& v, const Column& col,
                                const Channel& ch, int64_t pass_begin, int64_t pass_end,
-                               at::opmath_type<scalar_t>* sums) {
+                               at::opmath_type<scalar_t>* sums, int64_t stride) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t tap = 0; tap < v.taps; ++tap) {
+  v.for_each_tap([&](const Tap& tap) {
     const auto scope = v.scope_point(ch.kernel_group, tap, col.global);
     bool sampled = false;
     acc_t value = 0;  // m * X(p), sampled once a corner of this pass needs it
@@ -161,13 +180,13 @@ __device__ void add_scope_pass(const ColumnView<scalar_t>& v, const Column& col,
                       const int64_t cell = y * v.scope_w + x;
                       if (cell < pass_begin || cell >= pass_end) return;
                       if (!sampled) {
-                        value = v.modulation(ch.deform_group, tap, col.global) *
+                        value = v.modulation(ch.deform_group, tap.index, col.global) *
                                 v.sample(v.data_point(ch.deform_group, tap, col), col, ch);
                         sampled = true;
                       }
-                      sums[cell - pass_begin] += weight * value;
+                      sums[(cell - pass_begin) * stride] += weight * value;
                     });
-  }
+  });
 }
 
 }  // namespace dk_ops::cuda_kernels

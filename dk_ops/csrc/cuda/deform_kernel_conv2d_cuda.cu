@@ -29,6 +29,7 @@
 #include "../global_kernel.h"
 #include "../sampling.h"
 #include "column_view.cuh"
+#include "float32_products.cuh"
 #include "implicit_gemm.cuh"
 #include "launch.cuh"
 
@@ -37,15 +38,32 @@ namespace {
 
 using at::Tensor;
 
-// Scope cells whose sums one thread keeps in registers / local memory at a time:
-// one pass for the default 4 x 4 scope of a 3 x 3 kernel.
+// Scope cells whose sums one thread keeps at a time: one pass for the default 4 x 4 scope of a
+// 3 x 3 kernel.
 constexpr int kCellsPerPass = 16;
+
+// A thread's sums of a pass: its column of a block's shared array
+// `acc_t block_sums[kCellsPerPass][kThreadsPerBlock]`, so that the threads of a warp hit 32
+// different banks whatever cell each adds to (a thread's own array, indexed by a cell known at
+// run time only, would live in local memory). The kernels that keep them are launched with
+// kThreadsPerBlock threads a block.
+template <typename acc_t>
+struct PassSums {
+  acc_t* first;  // the thread's sum of the pass's first cell; the next cells kThreadsPerBlock apart
+
+  __device__ acc_t& operator[](int64_t cell) const { return first[cell * kThreadsPerBlock]; }
+  __device__ void zero() const {
+    for (int cell = 0; cell < kCellsPerPass; ++cell) (*this)[cell] = 0;
+  }
+};
 
 // Z[col, cell, c]: each thread owns the S cells of one (column, channel), summed
 // kCellsPerPass cells at a time, and writes each once.
 template <typename scalar_t>
 __global__ void scope_columns_kernel(const __grid_constant__ ColumnView<scalar_t> v, scalar_t* z) {
   using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t block_sums[kCellsPerPass][kThreadsPerBlock];
+  const PassSums<acc_t> sums{&block_sums[0][threadIdx.x]};
   const int64_t z_row = v.cells * v.channels;
   for (int64_t index = first_thread(); index < v.count * v.channels; index += thread_stride()) {
     const Column col = v.column(index / v.channels);
@@ -54,8 +72,8 @@ __global__ void scope_columns_kernel(const __grid_constant__ ColumnView<scalar_t
     for (int64_t pass_begin = 0; pass_begin < v.cells; pass_begin += kCellsPerPass) {
       const int64_t pass_end =
           pass_begin + kCellsPerPass < v.cells ? pass_begin + kCellsPerPass : v.cells;
-      acc_t sums[kCellsPerPass] = {};
-      add_scope_pass(v, col, ch, pass_begin, pass_end, sums);
+      sums.zero();
+      add_scope_pass(v, col, ch, pass_begin, pass_end, sums.first, kThreadsPerBlock);
       for (int64_t cell = pass_begin; cell < pass_end; ++cell) {
         z_col[v.z_index(ch, cell)] = static_cast<scalar_t>(sums[cell - pass_begin]);
       }
@@ -94,18 +112,18 @@ __global__ void input_grad_rigid_kernel(const __grid_constant__ ColumnView<scala
     const int64_t n = pixel / (v.height * v.width);
     const int64_t y = (pixel / v.width) % v.height, x = pixel % v.width;
     acc_t sum = 0;
-    for (int64_t tap = 0; tap < v.taps; ++tap) {
+    v.for_each_tap([&](const Tap& tap) {
       const int64_t out_y =
-          output_that_reads(y, (tap / v.kernel_w) * v.dilation_h, v.stride_h, v.pad_h, v.out_h);
+          output_that_reads(y, tap.y * v.dilation_h, v.stride_h, v.pad_h, v.out_h);
       const int64_t out_x =
-          output_that_reads(x, (tap % v.kernel_w) * v.dilation_w, v.stride_w, v.pad_w, v.out_w);
-      if (out_y < 0 || out_x < 0) continue;
+          output_that_reads(x, tap.x * v.dilation_w, v.stride_w, v.pad_w, v.out_w);
+      if (out_y < 0 || out_x < 0) return;
       const int64_t col = n * v.positions + out_y * v.out_w + out_x;
-      if (col < v.first || col >= v.first + v.count) continue;  // a column of another chunk
+      if (col < v.first || col >= v.first + v.count) return;  // a column of another chunk
       const auto scope = v.scope_point(ch.kernel_group, tap, col);
-      sum += v.modulation(ch.deform_group, tap, col) *
+      sum += v.modulation(ch.deform_group, tap.index, col) *
              scope_gather(v, scope, grad_z + (col - v.first) * z_row, ch);
-    }
+    });
     grad_input[pixel * v.channels + ch.index] += sum;
   }
 }
@@ -122,17 +140,17 @@ __global__ void input_grad_atomic_kernel(const __grid_constant__ ColumnView<scal
     const Column col = v.column(index / v.channels);
     const Channel ch = v.channel(index % v.channels);
     acc_t* grad_image = grad_input + col.image + ch.index;
-    for (int64_t tap = 0; tap < v.taps; ++tap) {
+    v.for_each_tap([&](const Tap& tap) {
       const auto scope = v.scope_point(ch.kernel_group, tap, col.global);
-      if (!scope.inside) continue;
-      const acc_t grad = v.modulation(ch.deform_group, tap, col.global) *
+      if (!scope.inside) return;
+      const acc_t grad = v.modulation(ch.deform_group, tap.index, col.global) *
                          scope_gather(v, scope, grad_z + col.local * z_row, ch);
       v.for_each_data_corner(v.data_point(ch.deform_group, tap, col),
                              [&](int64_t y, int64_t x, acc_t weight, acc_t, acc_t) {
                                atomicAdd(grad_image + (y * v.width + x) * v.channels,
                                          weight * grad);
                              });
-    }
+    });
   }
 }
 
@@ -149,7 +167,7 @@ __global__ void kernel_offset_grad_kernel(const __grid_constant__ ColumnView<sca
   for (int64_t item = first_thread() / kWarpSize; item < items;
        item += thread_stride() / kWarpSize) {
     const int64_t kernel_group = item % v.kernel_groups;
-    const int64_t tap = (item / v.kernel_groups) % v.taps;
+    const Tap tap = v.tap((item / v.kernel_groups) % v.taps);
     const Column col = v.column(item / (v.kernel_groups * v.taps));
     const auto scope = v.scope_point(kernel_group, tap, col.global);
     const scalar_t* grad_z_col = grad_z + col.local * z_row;
@@ -158,7 +176,7 @@ __global__ void kernel_offset_grad_kernel(const __grid_constant__ ColumnView<sca
       for (int64_t c = kernel_group * v.kernel_group_channels + lane;
            c < (kernel_group + 1) * v.kernel_group_channels; c += kWarpSize) {
         const Channel ch = v.channel(c);
-        const acc_t value = v.modulation(ch.deform_group, tap, col.global) *
+        const acc_t value = v.modulation(ch.deform_group, tap.index, col.global) *
                             v.sample(v.data_point(ch.deform_group, tap, col), col, ch);
         for_each_corner(
             scope, v.scope_h, v.scope_w, [&](int64_t y, int64_t x, acc_t, acc_t d_dy, acc_t d_dx) {
@@ -172,7 +190,7 @@ __global__ void kernel_offset_grad_kernel(const __grid_constant__ ColumnView<sca
     grad_x = warp_sum(grad_x);
     if (lane == 0) {
       scalar_t* out =
-          grad_kernel_offset + 2 * (kernel_group * v.taps + tap) * v.all_columns + col.global;
+          grad_kernel_offset + 2 * (kernel_group * v.taps + tap.index) * v.all_columns + col.global;
       out[0] = static_cast<scalar_t>(grad_y);
       out[v.all_columns] = static_cast<scalar_t>(grad_x);
     }
@@ -193,7 +211,7 @@ __global__ void data_offset_and_mask_grad_kernel(const __grid_constant__ ColumnV
   for (int64_t item = first_thread() / kWarpSize; item < items;
        item += thread_stride() / kWarpSize) {
     const int64_t deform_group = item % v.deform_groups;
-    const int64_t tap = (item / v.deform_groups) % v.taps;
+    const Tap tap = v.tap((item / v.deform_groups) % v.taps);
     const Column col = v.column(item / (v.deform_groups * v.taps));
     const auto data = v.data_point(deform_group, tap, col);
     const scalar_t* grad_z_col = grad_z + col.local * z_row;
@@ -218,12 +236,12 @@ __global__ void data_offset_and_mask_grad_kernel(const __grid_constant__ ColumnV
     grad_y = warp_sum(grad_y);
     grad_x = warp_sum(grad_x);
     if (lane == 0) {
-      const int64_t row = deform_group * v.taps + tap;
+      const int64_t row = deform_group * v.taps + tap.index;
       if (grad_mask != nullptr) {
         grad_mask[row * v.all_columns + col.global] = static_cast<scalar_t>(grad_m);
       }
       if (grad_data_offset != nullptr) {
-        const acc_t m = v.modulation(deform_group, tap, col.global);
+        const acc_t m = v.modulation(deform_group, tap.index, col.global);
         scalar_t* out = grad_data_offset + 2 * row * v.all_columns + col.global;
         out[0] = static_cast<scalar_t>(m * grad_y);
         out[v.all_columns] = static_cast<scalar_t>(m * grad_x);
@@ -327,12 +345,14 @@ __global__ void global_weight_grad_kernel(const __grid_constant__ GlobalGeometry
                                           const scalar_t* grad_filters, const scalar_t* offset,
                                           scalar_t* grad_scope) {
   using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t block_sums[kCellsPerPass][kThreadsPerBlock];
+  const PassSums<acc_t> sums{&block_sums[0][threadIdx.x]};
   for (int64_t entry = first_thread(); entry < geometry.entries; entry += thread_stride()) {
     const int64_t kernel_group = geometry.kernel_group_of(entry);
     for (int64_t pass_begin = 0; pass_begin < geometry.cells; pass_begin += kCellsPerPass) {
       const int64_t pass_end =
           pass_begin + kCellsPerPass < geometry.cells ? pass_begin + kCellsPerPass : geometry.cells;
-      acc_t sums[kCellsPerPass] = {};
+      sums.zero();
       for (int64_t n = 0; n < geometry.batch; ++n) {
         const scalar_t* grad_taps = grad_filters + (n * geometry.entries + entry) * geometry.taps;
         for (int64_t tap = 0; tap < geometry.taps; ++tap) {
@@ -456,7 +476,7 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
 
 constexpr DeviceKernels kCudaKernels{
     {scatter_scope_columns, gather_input_grad, offset_and_mask_grads, implicit_gemm::forward,
-     implicit_gemm::weight_grad},
+     implicit_gemm::weight_grad, ColumnChunking::kFewPerBatch, float32_product},
     {sample_global_filters, global_weight_grad, global_offset_grad},
     /*takes_half_and_bfloat16=*/true};
 

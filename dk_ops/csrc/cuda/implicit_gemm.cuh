@@ -77,6 +77,11 @@ struct ImplicitGemmTile {
   using ZTile = acc_t[kDepth][kColumns];
 };
 
+// The blocks an SM must hold at least: with 1, ptxas may give a thread up to 255 registers;
+// without a minimum it kept 128 and spilled to local memory (ptxas -v, sm_90: 52-124 bytes of
+// spill stores). One block of 256 threads an SM without spills against two with: untimed.
+constexpr int kBlocksPerSm = 1;
+
 // Samples the Z tile of the chunk's columns [column_begin, + kColumns), the input channels
 // [channel_begin, + kChannels) of `group` and the scope cells [cell_begin, + kCells) into
 // z_tile, zeros past their ends. Every thread of the block calls it; the caller's __syncthreads
@@ -90,14 +95,14 @@ __device__ void sample_z_tile(const ColumnView<scalar_t>& v, int64_t group, int6
   const int column = threadIdx.x / Tile::kChannels, channel = threadIdx.x % Tile::kChannels;
   const int64_t cell_end =
       cell_begin + Tile::kCells < v.cells ? cell_begin + Tile::kCells : v.cells;
-  acc_t cells[Tile::kCells] = {};
+  // The thread's entries of the tile, cells kChannels rows apart, are its sums.
+  acc_t* sums = &z_tile[channel][column];
+  constexpr int64_t kCellStride = Tile::kChannels * Tile::kColumns;
+  for (int cell = 0; cell < Tile::kCells; ++cell) sums[cell * kCellStride] = 0;
   const int64_t local = column_begin + column, in_group = channel_begin + channel;
   if (local < v.count && in_group < v.group_channels) {
     add_scope_pass(v, v.column(local), v.channel(group * v.group_channels + in_group), cell_begin,
-                   cell_end, cells);
-  }
-  for (int cell = 0; cell < Tile::kCells; ++cell) {
-    z_tile[cell * Tile::kChannels + channel][column] = cells[cell];
+                   cell_end, sums, kCellStride);
   }
 }
 
@@ -106,7 +111,7 @@ __device__ void sample_z_tile(const ColumnView<scalar_t>& v, int64_t group, int6
 // tiles, then groups; every thread of a block takes the same tiles and steps, so all reach
 // each __syncthreads.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerSm)
     forward_kernel(const __grid_constant__ ColumnView<scalar_t> v,
                                  const scalar_t* weight, int64_t out_channels,
                                  scalar_t* out_rows) {
@@ -178,7 +183,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 // output channel tiles, groups and ranges; every thread of a block takes the same tiles and
 // steps, so all reach each __syncthreads.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerSm)
     weight_grad_kernel(const __grid_constant__ ColumnView<scalar_t> v,
                                      const scalar_t* grad_out_rows, int64_t out_channels,
                                      int64_t range_columns, int64_t ranges,

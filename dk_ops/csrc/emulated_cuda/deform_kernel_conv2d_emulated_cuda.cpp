@@ -58,11 +58,19 @@ at::Tensor emulation_self_test(std::string kernel) {
   return out;
 }
 
+int64_t launch_count() { return launches.count; }
+
+// run_launches(false): the launches that follow are counted and skipped (their outputs keep
+// whatever their memory held) until run_launches(true).
+void run_launches(bool run) { launches.run = run; }
+
 }  // namespace
 }  // namespace dk_ops::emulated_cuda
 
 TORCH_LIBRARY_FRAGMENT(dk_ops_emulated_cuda, m) {
   m.def("emulation_self_test", TORCH_FN(dk_ops::emulated_cuda::emulation_self_test));
+  m.def("launch_count", TORCH_FN(dk_ops::emulated_cuda::launch_count));
+  m.def("run_launches", TORCH_FN(dk_ops::emulated_cuda::run_launches));
 }
 
 // `import dk_ops._C_emulated_cuda` loads this library (and so runs the registration of the ops);

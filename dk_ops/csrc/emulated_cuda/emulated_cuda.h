@@ -40,6 +40,7 @@
 #include <c10/util/Exception.h>
 #include <ucontext.h>
 
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -231,11 +232,21 @@ inline void run_grid(int64_t blocks, int threads_per_block, const std::function<
 
 struct Stream {};
 
+// The launches of this process so far, for the tests that count a layer's; and whether they
+// run, so that a test can count the launches of a problem too large to emulate.
+struct Launches {
+  std::atomic<int64_t> count{0};
+  std::atomic<bool> run{true};
+};
+inline Launches launches;
+
 // DK_LAUNCH(kernel, blocks, threads, stream)(args...): the host form of
 // kernel<<<blocks, threads, 0, stream>>>(args...).
 template <typename... Params>
 auto launch(void (*kernel)(Params...), int64_t blocks, int threads_per_block, Stream) {
   return [=](auto&&... args) {
+    ++launches.count;
+    if (!launches.run) return;
     run_grid(blocks, threads_per_block, [&] { kernel(args...); });
   };
 }
