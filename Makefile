@@ -24,7 +24,7 @@ CUDA_LOCK ?= requirements/cuda.lock
 
 EXT_SOURCES := setup.py $(shell find dk_ops/csrc -type f 2>/dev/null)
 
-.PHONY: env build test demo demo-rtmdet compare compare-converged cuda-check lock clean
+.PHONY: env build test test-asan demo demo-rtmdet compare compare-converged cuda-check lock clean
 
 env: $(VENV)/.stack-installed
 
@@ -57,6 +57,27 @@ $(VENV)/.dk-built: $(VENV)/.stack-installed $(EXT_SOURCES)
 
 test: build
 	$(VPY) -m pytest -q tests
+
+# The CUDA kernels on the CPU (the emulated build) under AddressSanitizer, so that their
+# out-of-bounds accesses to global memory are reported: dk_ops and its emulated extension built
+# with -fsanitize=address in $(ASAN_DIR) (the in-place build stays as it is), then the emulation's
+# tests and the emulated op tests there, the sanitizer's runtime preloaded into Python (which is
+# not built with it; its allocations, by design never freed, are not leaks to report), and
+# libstdc++ with it, so that the runtime finds the C++ throw it intercepts when it starts. The
+# threads of each block in random order and at most 3 blocks a launch: the other schedules run in
+# `make test`. Its time: docs/development.md.
+ASAN_DIR   := build/asan
+ASAN_TESTS := tests/test_emulated_cuda.py tests/test_op_cuda_emulated.py \
+              tests/test_op_cuda_implicit_gemm.py tests/test_op_zero_sizes.py
+
+test-asan: env
+	CFLAGS="-fsanitize=address -fno-omit-frame-pointer" LDFLAGS="-fsanitize=address" \
+	MAX_JOBS=$${MAX_JOBS:-2} $(VPY) setup.py build --force --build-temp $(ASAN_DIR)/temp \
+		--build-lib $(ASAN_DIR)/lib
+	LD_PRELOAD="$$($${CXX:-g++} -print-file-name=libasan.so) $$($${CXX:-g++} -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0 \
+	DK_EMULATED_CUDA_THREAD_ORDER=random DK_EMULATED_CUDA_MAX_BLOCKS=3 \
+	PYTHONPATH=$(ASAN_DIR)/lib $(VPY) -P -m pytest -q -p no:cacheprovider -rs $(ASAN_TESTS)
 
 # The quickstart on the synthetic shapes data (configs/shapes): `make demo` trains and tests
 # the local-DK Faster R-CNN and prints its COCO table, `make demo-rtmdet` the same for RTMDet-tiny

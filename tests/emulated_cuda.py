@@ -2,9 +2,10 @@
 
 The emulated CUDA extension imported below is the GPU's kernel source
 (dk_ops/csrc/cuda/deform_kernel_conv2d_cuda.cu) compiled for host threads: every thread of each
-launch runs, with the lanes of a warp in lock-step at their shuffles
-(dk_ops/csrc/emulated_cuda/emulated_cuda.h). It registers its launchers, and the emulation's own test
-kernels, as the ops of ``EMULATED_OPS``."""
+launch runs, with the lanes of a warp in lock-step at their shuffles, the threads of a block in
+another order from launch to launch, and shared memory NaN when a block starts
+(dk_ops/csrc/emulated_cuda/emulated_cuda.h). It registers its launchers, the emulation's own test
+kernels and its schedule's test hook as the ops of ``EMULATED_OPS``."""
 import collections
 import contextlib
 
@@ -17,6 +18,24 @@ from dk_reference import deform_kernel_conv2d_reference, output_and_gradients
 from op_comparison import assert_gradients_close
 
 EMULATED_OPS = torch.ops.dk_ops_emulated_cuda
+
+# The orders in which the threads of a block can take their turns between barriers; 'rotate',
+# the default, takes them in turn, launch after launch.
+THREAD_ORDERS = ('forward', 'reversed', 'random')
+
+
+@contextlib.contextmanager
+def emulation_schedule(thread_order, seed=0, max_blocks=0):
+    """The emulated launches under it run the threads of each block in ``thread_order`` (one of
+    ``THREAD_ORDERS`` or 'rotate'; the random orders drawn from ``seed``) and at most
+    ``max_blocks`` blocks each (0: every block they ask for), so that every thread goes round
+    its grid-stride loop several times."""
+    previous = EMULATED_OPS.emulation_schedule()
+    EMULATED_OPS.set_emulation_schedule(thread_order, seed, max_blocks)
+    try:
+        yield
+    finally:
+        EMULATED_OPS.set_emulation_schedule(*previous)
 
 
 class EmulatedCudaKernels(TorchDispatchMode):

@@ -1,4 +1,5 @@
-"""tools/gpu_check.sh: its total time budget and its report, without building anything.
+"""tools/gpu_check.sh: its total time budget and its report, without building anything, and the
+problems its compute-sanitizer steps run.
 
 The whole dry run (docs/gpu.md) compiles dk_ops and runs the CPU op tests that `make test`
 runs anyway, minutes on a small machine, so it is run by hand; this runs the script with no time
@@ -6,6 +7,7 @@ left for any step, which still goes through the machine description, the budget 
 """
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -32,3 +34,17 @@ def test_spent_budget_skips_every_step_and_still_writes_the_report(tmp_path):
                  'bench_backbone_float32', 'bench_backbone_amp_bfloat16'):
         assert f'## {name}' in report
     assert report.count('(not run)') == 6
+
+
+def test_sanitizer_problems_run_every_path_on_the_cpu():
+    # What racecheck, synccheck and initcheck run on a GPU, here on the CPU with this checkout's
+    # dk_ops: a script that fails here would only fail there, in scarce GPU time.
+    with open(osp.join(REPO_ROOT, 'tools', 'gpu_check.sh')) as script_file:
+        script = re.search(r"^SANITIZER_PROBLEMS=\$\(cat <<'EOF'\n(.*?)^EOF\n\)$",
+                           script_file.read(), re.DOTALL | re.MULTILINE).group(1)
+    result = subprocess.run([sys.executable, '-c', script, 'cpu'], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [line.split(':')[0] for line in result.stdout.splitlines()] == [
+        'columns, rigid data grid', 'columns, data offsets and mask',
+        'implicit GEMM, data offsets and mask', 'global']

@@ -3,15 +3,17 @@
 # GPU slot), on a machine with a CUDA build of PyTorch and torchvision (no mmcv needed): builds
 # dk_ops for this GPU's architecture only, runs the CUDA tests and the CPU op tests in parallel,
 # the op benchmark (float32, TF32, bfloat16 at batch 8), the backbone and detector benchmark
-# (float32 and AMP) and a compute-sanitizer memcheck slice, each step under a time budget, and
-# writes one Markdown report, LOG_DIR/report.md (each step's log beside it). docs/gpu.md says
-# what the numbers mean and which targets they are held to.
+# (float32 and AMP), a compute-sanitizer memcheck slice, and compute-sanitizer's racecheck,
+# synccheck and initcheck on one small float32 problem per path of the op, each step under a time
+# budget, and writes one Markdown report, LOG_DIR/report.md (each step's log beside it).
+# docs/gpu.md says what the numbers mean and which targets they are held to.
 #
 #     bash tools/gpu_check.sh [--dry-run] [LOG_DIR]       # LOG_DIR: work_dirs/gpu_check
 #
 # --dry-run (or DRY_RUN=1), on a machine without a GPU: everything but the GPU, to prove the
 # script before GPU time is spent on it: the build without CUDA, the same test command (the CUDA
-# tests skip), the benchmarks on the CPU at tiny sizes, and the report.
+# tests skip), the benchmarks on the CPU at tiny sizes, the sanitizers' problems on the CPU
+# without a sanitizer, and the report.
 #
 # Environment: PYTHON (python3), BUILD_DIR (build/gpu-check in the repository: dk_ops and its
 # packages are built there, not in place), MAX_JOBS (nproc), TOTAL_BUDGET (450 s for all the
@@ -126,6 +128,50 @@ fi
 
 echo "$about"
 
+# One small float32 problem per path of the op, forward and backward, on the device given as
+# its argument: what compute-sanitizer's racecheck, synccheck and initcheck run (a dry run runs
+# it on the CPU, without them). The paths are chosen as users choose them, by the environment.
+SANITIZER_PROBLEMS=$(cat <<'EOF'
+import os
+import sys
+
+import torch
+
+import dk_ops
+
+device = sys.argv[1]
+generator = torch.Generator().manual_seed(0)
+
+
+def leaf(*shape, scale=1.0):
+    return (scale * torch.randn(*shape, generator=generator)).to(device).requires_grad_()
+
+
+def run(name, environment, global_offset=False, deformed=False):
+    os.environ.update(environment)
+    batch, channels, height, width, taps = 2, 6, 7, 9, 9
+    kernel_offset = (leaf(batch, 2 * taps, scale=0.7) if global_offset else
+                     leaf(batch, 2 * taps, height, width, scale=0.7))
+    deformation = dict(data_offset=leaf(batch, 2 * taps, height, width, scale=0.7),
+                       mask=leaf(batch, taps, height, width)) if deformed else {}
+    inputs = [leaf(batch, channels, height, width), leaf(70, channels, 5, 5), kernel_offset,
+              leaf(70)] + list(deformation.values())
+    output = dk_ops.deform_kernel_conv2d(*inputs[:4], kernel_size=3, padding=1, **deformation)
+    output.square().sum().backward()
+    for tensor in inputs:
+        assert torch.isfinite(tensor.grad).all(), name
+    print(f'{name}: forward and backward, output {tuple(output.shape)}')
+
+
+run('columns, rigid data grid', {'DK_OPS_LOCAL_KERNELS': 'columns'})
+run('columns, data offsets and mask', {'DK_OPS_LOCAL_KERNELS': 'columns'}, deformed=True)
+run('implicit GEMM, data offsets and mask', {'DK_OPS_LOCAL_KERNELS': 'implicit_gemm'},
+    deformed=True)
+run('global', {}, global_offset=True)
+# The fused path: its switch and one problem go here, as run('fused, ...', {...its switch...}).
+EOF
+)
+
 # -------------------------------------------------------------------------------------- steps
 step build 180 env CC="${GPU_CHECK_CC:-gcc}" CXX="${GPU_CHECK_CXX:-g++}" "${cuda_build[@]}" \
     MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PYTHON" setup.py build --force \
@@ -159,14 +205,28 @@ tests_and_benchmarks() {
         command -v "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
     if [ "$DRY_RUN" = 1 ]; then
         skip memcheck 'dry run (compute-sanitizer checks GPU kernels)'
+        step sanitizer_problems 30 "$PYTHON" -P -c "$SANITIZER_PROBLEMS" cpu
     elif [ -z "$sanitizer" ]; then
-        skip memcheck 'compute-sanitizer is not installed'
+        for tool in memcheck racecheck synccheck initcheck; do
+            skip $tool 'compute-sanitizer is not installed'
+        done
     else
         # Without PyTorch's caching allocator every tensor is its own allocation, so that a read
-        # past a tensor's end is out of bounds for memcheck too.
+        # past a tensor's end is out of bounds for memcheck too, and a tensor's memory is
+        # uninitialised for initcheck until a kernel writes it.
         step memcheck 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck \
             --error-exitcode 1 "$PYTHON" -P -m pytest -q -p no:cacheprovider tests/test_op_cuda.py \
             -k 'float64_matches_cpu and wide or empty_batch'
+        # racecheck: shared memory written and read by two threads of a block with no barrier
+        # between; synccheck: barriers that not every thread reaches; initcheck: the op's kernels
+        # reading global memory that nothing wrote (kernels whose name has dk_ops only: the
+        # GEMMs' and convolutions' libraries are not this project's to check).
+        step racecheck 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool racecheck \
+            --error-exitcode 1 "$PYTHON" -P -c "$SANITIZER_PROBLEMS" cuda
+        step synccheck 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool synccheck \
+            --error-exitcode 1 "$PYTHON" -P -c "$SANITIZER_PROBLEMS" cuda
+        step initcheck 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool initcheck \
+            --kernel-name kns=dk_ops --error-exitcode 1 "$PYTHON" -P -c "$SANITIZER_PROBLEMS" cuda
     fi
 }
 
@@ -225,11 +285,13 @@ tables() {  # the header line and the Markdown table of a benchmark's log
         printf '\n## %s (training step, ratios to rigid)\n\n' "$name"
         tables "$name"
     done
-    if [ -f "$LOG_DIR/memcheck.log" ]; then
-        printf '\n## memcheck\n\n```\n'
-        grep -E 'ERROR SUMMARY|[0-9]+ (passed|failed)' "$LOG_DIR/memcheck.log" | tail -n 5
+    for name in memcheck racecheck synccheck initcheck sanitizer_problems; do
+        [ -f "$LOG_DIR/$name.log" ] || continue
+        printf '\n## %s\n\n```\n' "$name"
+        grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|[0-9]+ (passed|failed)|: forward and backward' \
+            "$LOG_DIR/$name.log" | tail -n 6
         echo '```'
-    fi
+    done
 } > "$LOG_DIR/report.md"
 echo
 cat "$LOG_DIR/report.md"

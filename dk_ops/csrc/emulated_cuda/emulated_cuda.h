@@ -3,10 +3,11 @@
 // Included by that file, in place of the CUDA headers, when DK_EMULATED_CUDA is defined
 // (only by emulated_cuda/deform_kernel_conv2d_emulated_cuda.cpp).
 //
-// What runs as on a GPU:
+// What runs as on a GPU, and what is made to fail where a GPU may:
 //   - A launch (DK_LAUNCH) runs every thread of the grid with the blockIdx, threadIdx, blockDim
 //     and gridDim it would have there, so the kernels' index arithmetic and grid-stride loops
-//     are the GPU's.
+//     are the GPU's. The grid can be capped (Schedule::max_blocks), so that each thread goes
+//     round its grid-stride loop several times and the loops' tails run.
 //   - The threads of a block are fibers (ucontext). A fiber runs until it reaches a barrier,
 //     yields, and goes on once every thread the barrier waits for has reached it:
 //       __shfl_down_sync  the 32 lanes of its warp; each lane then receives the value of
@@ -19,45 +20,64 @@
 //     __syncthreads, undefined on a GPU) raises, and so does a block whose threads all wait at
 //     barriers that cannot be passed (some lanes of a warp at a shuffle, others at
 //     __syncthreads).
-//   - __shared__ variables: one copy per running block, seen by all its threads (see below).
-//     Each thread runs as far as it can before it yields, so a thread that reads shared memory
-//     before the __syncthreads that should order it after the other threads' writes reads
-//     what they have not written yet, and the result shows it.
+//   - The order in which the threads of a block take their turns between barriers changes from
+//     launch to launch (ThreadOrder: forward, reversed, seeded random), so a thread that reads
+//     what another thread of its block writes, without a barrier between them, reads it before
+//     it is written in some order, and the result shows it.
+//   - __shared__ variables: one copy per running block, seen by all its threads, and filled
+//     with NaN (all bits set) when the block starts: a read of shared memory that no thread of
+//     the block has written gives NaN, as it gives garbage on a GPU.
+//   - Out-of-bounds accesses to global memory: the AddressSanitizer build (`make test-asan`)
+//     runs the same kernels; a fiber's switches are announced to it.
 // What does not:
-//   - Concurrency: blocks run one after another and the threads of a block in a fixed order
-//     between barriers, so races that this order does not expose cannot show. atomicAdd is a
-//     plain read-add-write: exact here, as one thread runs at a time and a thread is switched
-//     out only at a barrier; the order of the adds is fixed, where a GPU's is not.
-//   - The GPU's memory model (a write is seen by every later read, fences or not), the initial
-//     contents of shared memory (here what the previous block of the launch left there, zeros
-//     for the first), timing, and nvcc's arithmetic (it contracts a * b + c into fused
-//     multiply-adds; g++ on x86-64 does not), so float32 results differ from a GPU's in the
-//     last bits.
+//   - Concurrency: blocks run one after another, one thread at a time, so a race shows only
+//     through the orders above. atomicAdd is a plain read-add-write: exact here, as one thread
+//     runs at a time and a thread is switched out only at a barrier.
+//   - The GPU's memory model (a write is seen by every later read, fences or not), timing, and
+//     nvcc's arithmetic (it contracts a * b + c into fused multiply-adds; g++ on x86-64 does
+//     not), so float32 results differ from a GPU's in the last bits.
+//   - Out-of-bounds accesses to shared memory: AddressSanitizer does not guard thread_local
+//     variables (compute-sanitizer on a GPU does, tools/gpu_check.sh).
 //   - Streams, device guards, launch bounds and launch errors: no-ops.
+//
+// Launches from several OS threads take turns (one launch lock), so the launch state below
+// (blockIdx and the rest, the schedule) is process-wide.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <dlfcn.h>
+#include <link.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <numeric>
 #include <optional>
+#include <random>
+#include <span>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #define __global__
 #define __device__
 #define __grid_constant__
 #define __launch_bounds__(...)
-// Blocks run one at a time on the OS thread that launches them, all the fibers of a block on
-// that OS thread, and a block's fibers all end before the next block starts: so a
-// function-local `static thread_local` is one copy per running block, shared by its threads,
-// reused by the next block (whose shared memory starts undefined on a GPU too), and separate
-// for launches from two OS threads at once.
+// One copy per OS thread, and so per running block: blocks run one at a time on the OS thread
+// that launches them, all the fibers of a block on that OS thread. Thread-local storage also
+// makes the shared memory of every kernel one region that a block's start can fill (see
+// shared_memory below).
 #define __shared__ static thread_local
 
 namespace dk_ops::emulated_cuda {
@@ -69,15 +89,139 @@ struct Dim3 {
 }  // namespace dk_ops::emulated_cuda
 
 // CUDA's built-in index variables; a launch sets them for the thread it runs.
-inline thread_local dk_ops::emulated_cuda::Dim3 blockIdx, threadIdx, blockDim, gridDim;
+inline dk_ops::emulated_cuda::Dim3 blockIdx, threadIdx, blockDim, gridDim;
 
 namespace dk_ops::emulated_cuda {
 
 constexpr int kLanes = 32;
 constexpr int kMaxThreadsPerBlock = 1024;
-// Room for a thread's frames: the kernels need a few KiB, an exception thrown in one more.
-// A launch of 256-thread blocks allocates 16 MiB of stacks, reused by each of its blocks.
+// Room for a thread's frames: the kernels need a few KiB, an exception thrown in one more, and
+// AddressSanitizer's red zones about three times as much. A launch of 256-thread blocks
+// allocates 16 MiB of stacks (64 MiB under AddressSanitizer), reused by each of its blocks.
+#ifdef __SANITIZE_ADDRESS__
+constexpr size_t kThreadStackBytes = size_t{256} << 10;
+#else
 constexpr size_t kThreadStackBytes = size_t{64} << 10;
+#endif
+
+// The order in which the threads of a block take their turns, each running to its next barrier.
+// kRotate: forward, reversed and random in turn, launch after launch.
+enum class ThreadOrder { kForward, kReversed, kRandom, kRotate };
+
+// How the launches run: read from the environment (DK_EMULATED_CUDA_THREAD_ORDER = forward,
+// reversed, random or rotate; DK_EMULATED_CUDA_SEED; DK_EMULATED_CUDA_MAX_BLOCKS) at the first
+// launch, and set by the test hook set_schedule.
+struct Schedule {
+  ThreadOrder order = ThreadOrder::kRotate;
+  uint64_t seed = 0;         // of the random orders
+  int64_t max_blocks = 0;    // the most blocks a launch runs; 0: all that it asks for
+};
+
+inline const char* order_name(ThreadOrder order) {
+  switch (order) {
+    case ThreadOrder::kForward: return "forward";
+    case ThreadOrder::kReversed: return "reversed";
+    case ThreadOrder::kRandom: return "random";
+    case ThreadOrder::kRotate: return "rotate";
+  }
+  return "?";
+}
+
+inline ThreadOrder order_named(const std::string& name) {
+  for (auto order : {ThreadOrder::kForward, ThreadOrder::kReversed, ThreadOrder::kRandom,
+                     ThreadOrder::kRotate}) {
+    if (name == order_name(order)) return order;
+  }
+  TORCH_CHECK_VALUE(false, "emulated CUDA: thread order must be forward, reversed, random or "
+                    "rotate, got '", name, "'");
+}
+
+inline Schedule schedule_from_environment() {
+  Schedule schedule;
+  if (const char* order = std::getenv("DK_EMULATED_CUDA_THREAD_ORDER")) {
+    schedule.order = order_named(order);
+  }
+  if (const char* seed = std::getenv("DK_EMULATED_CUDA_SEED")) schedule.seed = std::stoull(seed);
+  if (const char* blocks = std::getenv("DK_EMULATED_CUDA_MAX_BLOCKS")) {
+    schedule.max_blocks = std::stoll(blocks);
+    TORCH_CHECK_VALUE(schedule.max_blocks >= 0,
+                      "emulated CUDA: DK_EMULATED_CUDA_MAX_BLOCKS must be 0 (no cap) or more, "
+                      "got ", blocks);
+  }
+  return schedule;
+}
+
+// The launch lock, and what it guards: the schedule and the number of launches since it was set.
+inline std::mutex launch_lock;
+inline uint64_t launch_count = 0;
+
+inline Schedule& active_schedule() {
+  static Schedule schedule = schedule_from_environment();  // raises again until it can be read
+  return schedule;
+}
+
+// The test hook: the schedule of the launches from now on, counted afresh from the first.
+inline void set_schedule(const Schedule& next) {
+  TORCH_CHECK_VALUE(next.max_blocks >= 0,
+                    "emulated CUDA: max_blocks must be 0 (no cap) or more, got ", next.max_blocks);
+  const std::lock_guard lock(launch_lock);
+  active_schedule() = next;
+  launch_count = 0;
+}
+
+inline Schedule current_schedule() {
+  const std::lock_guard lock(launch_lock);
+  return active_schedule();
+}
+
+// The shared memory of every kernel, as the calling OS thread sees it: this library's block of
+// thread-local storage. __shared__ is its only thread-local state (the launch state is
+// process-wide), which tests/test_emulated_cuda.py checks in the library's symbols.
+inline std::span<unsigned char> shared_memory() {
+  // The block exists in an OS thread once the thread has used a thread-local variable of the
+  // library (volatile: a store that the compiler keeps).
+  [[maybe_unused]] static thread_local volatile unsigned char first_use;
+  first_use = 0;
+  Dl_info library;
+  TORCH_CHECK(dladdr(reinterpret_cast<void*>(&shared_memory), &library) != 0,
+              "emulated CUDA: dladdr cannot find its own library");
+  struct Found {
+    const char* path;
+    std::span<unsigned char> block;
+  } found{library.dli_fname, {}};
+  dl_iterate_phdr(
+      [](dl_phdr_info* module, size_t, void* data) {
+        auto& found = *static_cast<Found*>(data);
+        if (module->dlpi_name == nullptr || std::strcmp(module->dlpi_name, found.path) != 0) {
+          return 0;
+        }
+        for (int index = 0; index < module->dlpi_phnum; ++index) {
+          if (module->dlpi_phdr[index].p_type == PT_TLS) {
+            found.block = {static_cast<unsigned char*>(module->dlpi_tls_data),
+                           module->dlpi_phdr[index].p_memsz};
+          }
+        }
+        return 1;
+      },
+      &found);
+  TORCH_CHECK(found.block.data() != nullptr,
+              "emulated CUDA: no thread-local block of ", found.path, " in this OS thread");
+  return found.block;
+}
+
+// AddressSanitizer, where the build has it, must hear of every switch of stacks; otherwise it
+// takes the frames of one for overflows of the other.
+#ifdef __SANITIZE_ADDRESS__
+inline void leaving_stack(void** fake_stack, const void* bottom, size_t size) {
+  __sanitizer_start_switch_fiber(fake_stack, bottom, size);
+}
+inline void entered_stack(void* fake_stack, const void** bottom_left, size_t* size_left) {
+  __sanitizer_finish_switch_fiber(fake_stack, bottom_left, size_left);
+}
+#else
+inline void leaving_stack(void**, const void*, size_t) {}
+inline void entered_stack(void*, const void**, size_t*) {}
+#endif
 
 // The threads of the block being run, each a fiber, and the scheduler that steps them.
 class Block {
@@ -90,8 +234,9 @@ class Block {
     for (auto& stack : stacks_) stack = std::make_unique_for_overwrite<char[]>(kThreadStackBytes);
   }
 
-  // Runs `body` as every thread of the block (the caller sets blockIdx).
-  void run(const std::function<void()>& body) {
+  // Runs `body` as every thread of the block (the caller sets blockIdx and fills the shared
+  // memory), the ready threads of each step in the order of `turns`, a permutation of them.
+  void run(const std::function<void()>& body, const std::vector<int>& turns) {
     body_ = &body;
     error_ = nullptr;
     for (int thread = 0; thread < threads_; ++thread) {
@@ -107,11 +252,14 @@ class Block {
     // One step: every ready thread runs to its next barrier or to its end; then the barriers
     // that all their threads have reached let them go on.
     do {
-      for (int thread = 0; thread < threads_; ++thread) {
+      for (const int thread : turns) {
         if (state_[thread] != Thread::kReady) continue;
         running_ = thread;
         threadIdx.x = thread;
+        void* fake_stack = nullptr;
+        leaving_stack(&fake_stack, stacks_[thread].get(), kThreadStackBytes);
         swapcontext(&scheduler_, &contexts_[thread]);
+        entered_stack(fake_stack, nullptr, nullptr);
         if (error_) std::rethrow_exception(error_);
       }
     } while (release_barriers());
@@ -144,17 +292,23 @@ class Block {
 
   static void thread_main() {
     Block& block = *current_;
+    entered_stack(nullptr, &block.scheduler_stack_, &block.scheduler_stack_bytes_);
     try {
       (*block.body_)();
     } catch (...) {  // an exception must not leave the fiber's stack: the scheduler rethrows it
       block.error_ = std::current_exception();
     }
     block.state_[block.running_] = Thread::kDone;
+    // A null fake stack: the fiber's frames are gone for good.
+    leaving_stack(nullptr, block.scheduler_stack_, block.scheduler_stack_bytes_);
   }
 
   void wait(Thread barrier) {
     state_[running_] = barrier;
+    void* fake_stack = nullptr;
+    leaving_stack(&fake_stack, scheduler_stack_, scheduler_stack_bytes_);
     swapcontext(&contexts_[running_], &scheduler_);
+    entered_stack(fake_stack, &scheduler_stack_, &scheduler_stack_bytes_);
   }
 
   int count(Thread state, int begin, int end) const {
@@ -200,12 +354,14 @@ class Block {
     return true;
   }
 
-  static inline thread_local Block* current_ = nullptr;
+  static inline Block* current_ = nullptr;
 
   const int threads_;
   const std::function<void()>* body_ = nullptr;
   std::exception_ptr error_;
   ucontext_t scheduler_;
+  const void* scheduler_stack_ = nullptr;  // the launching OS thread's stack, for the sanitizer
+  size_t scheduler_stack_bytes_ = 0;
   std::vector<std::unique_ptr<char[]>> stacks_;
   std::vector<ucontext_t> contexts_;
   std::vector<Thread> state_;
@@ -214,19 +370,42 @@ class Block {
   int running_ = 0;
 };
 
-// Runs `thread` as every thread of a grid of `blocks` blocks of `threads_per_block` threads,
-// block after block.
+// The order of the threads of block `block` of launch `launch` under `schedule`.
+inline std::vector<int> thread_turns(const Schedule& schedule, uint64_t launch, int64_t block,
+                                     int threads) {
+  std::vector<int> turns(threads);
+  std::iota(turns.begin(), turns.end(), 0);
+  ThreadOrder order = schedule.order;
+  if (order == ThreadOrder::kRotate) order = static_cast<ThreadOrder>(launch % 3);
+  if (order == ThreadOrder::kReversed) std::reverse(turns.begin(), turns.end());
+  if (order == ThreadOrder::kRandom) {
+    std::seed_seq seed{static_cast<uint32_t>(schedule.seed), static_cast<uint32_t>(schedule.seed >> 32),
+                       static_cast<uint32_t>(launch), static_cast<uint32_t>(block)};
+    std::mt19937_64 generator(seed);
+    std::shuffle(turns.begin(), turns.end(), generator);
+  }
+  return turns;
+}
+
+// Runs `thread` as every thread of a grid of `blocks` blocks of `threads_per_block` threads
+// (fewer blocks where the schedule caps them), block after block.
 inline void run_grid(int64_t blocks, int threads_per_block, const std::function<void()>& thread) {
   TORCH_CHECK(blocks >= 1 && threads_per_block >= kLanes && threads_per_block % kLanes == 0 &&
                   threads_per_block <= kMaxThreadsPerBlock,
               "emulated CUDA: launch of ", blocks, " blocks of ", threads_per_block,
               " threads; whole warps only, at most ", kMaxThreadsPerBlock, " threads");
+  const std::lock_guard lock(launch_lock);
+  const uint64_t launch = launch_count++;
+  const Schedule& schedule = active_schedule();
+  if (schedule.max_blocks > 0) blocks = std::min(blocks, schedule.max_blocks);
   gridDim = {static_cast<unsigned int>(blocks), 1, 1};
   blockDim = {static_cast<unsigned int>(threads_per_block), 1, 1};
+  const std::span<unsigned char> shared = shared_memory();
   Block block(threads_per_block);
   for (int64_t index = 0; index < blocks; ++index) {
     blockIdx = {static_cast<unsigned int>(index), 0, 0};
-    block.run(thread);
+    std::fill(shared.begin(), shared.end(), 0xff);  // NaN in every floating-point type
+    block.run(thread, thread_turns(schedule, launch, index, threads_per_block));
   }
 }
 
