@@ -458,6 +458,7 @@ constexpr DeviceKernels kCudaKernels{
     {scatter_scope_columns, gather_input_grad, offset_and_mask_grads, implicit_gemm::forward,
      implicit_gemm::weight_grad},
     {sample_global_filters, global_weight_grad, global_offset_grad},
+    {},
     /*takes_half_and_bfloat16=*/true};
 
 // The kernels run on the input's GPU (mixed devices are refused by the driver's checks).

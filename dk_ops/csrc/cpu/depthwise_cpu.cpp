@@ -1,0 +1,411 @@
+// CPU kernels of the direct depthwise path (depthwise.h has the math).
+//
+// Channels-last throughout, so that a (location, tap) reads and writes contiguous channels: for
+// each run of channels sharing a kernel offset group and a deform group, the scope point and the
+// data point are located once, and the channel loops apply their bilinear weights as vector
+// multiply-adds over the run. The threads take image rows (n, y_out). The backward's sums do not
+// depend on the thread count: the scope gradient is summed per row, then over the rows in order,
+// and the input gradient is scattered in phases of rows whose taps read disjoint input rows.
+#include "depthwise_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../depthwise.h"
+#include "../sampling.h"
+#include "vector_clones.h"
+
+namespace dk_ops {
+namespace {
+
+using at::Tensor;
+
+// The four cells a bilinear sample blends, as rows of a channels-last plane, with their weights
+// and the weights' derivatives along y and x. Slots for cells outside the plane weigh zero and
+// point at rows of zeros (reads) or of scratch (writes), so that the channel loops have no
+// branches and no two slots alias.
+template <typename T>
+struct FourCells {
+  const T* value[4];
+  T* grad[4];
+  T weight[4], d_dy[4], d_dx[4];
+};
+
+// The cells of `point` in a plane of rows `plane` (and its gradient `grad_plane`, or null) with
+// `channels` values per cell; false where the point samples nothing.
+template <typename T>
+inline bool four_cells(const BilinearPoint<T>& point, int64_t height, int64_t width,
+                       const T* plane, T* grad_plane, int64_t channels, const T* zeros,
+                       T* scratch, FourCells<T>& cells) {
+  if (!point.inside) return false;
+  int k = 0;
+  for_each_corner(point, height, width, [&](int64_t y, int64_t x, T w, T wdy, T wdx) {
+    const int64_t row = (y * width + x) * channels;
+    cells.value[k] = plane + row;
+    cells.grad[k] = grad_plane ? grad_plane + row : scratch + k * channels;
+    cells.weight[k] = w;
+    cells.d_dy[k] = wdy;
+    cells.d_dx[k] = wdx;
+    ++k;
+  });
+  for (; k < 4; ++k) {
+    cells.value[k] = zeros;
+    cells.grad[k] = scratch + k * channels;
+    cells.weight[k] = cells.d_dy[k] = cells.d_dx[k] = T(0);
+  }
+  return true;
+}
+
+// The rigid grid's one cell, weight 1, in the same form (slots 1-3 weigh zero).
+template <typename T>
+inline bool rigid_cell(int64_t y, int64_t x, int64_t height, int64_t width, const T* plane,
+                       T* grad_plane, int64_t channels, const T* zeros, T* scratch,
+                       FourCells<T>& cells) {
+  if (y < 0 || y >= height || x < 0 || x >= width) return false;
+  const int64_t row = (y * width + x) * channels;
+  cells.value[0] = plane + row;
+  cells.grad[0] = grad_plane ? grad_plane + row : scratch;
+  cells.weight[0] = T(1);
+  cells.d_dy[0] = cells.d_dx[0] = T(0);
+  for (int k = 1; k < 4; ++k) {
+    cells.value[k] = zeros;
+    cells.grad[k] = scratch + k * channels;
+    cells.weight[k] = cells.d_dy[k] = cells.d_dx[k] = T(0);
+  }
+  return true;
+}
+
+// A run of channels [begin, end) sharing kernel offset group and deform group; whether it is the
+// last run of either.
+struct ChannelRun {
+  int64_t begin, end, kernel_group, deform_group;
+  bool ends_kernel_group, ends_deform_group;
+};
+
+std::vector<ChannelRun> channel_runs(const DepthwiseGeometry& d) {
+  std::vector<ChannelRun> runs;
+  for (int64_t c = 0; c < d.channels;) {
+    const int64_t kernel_end = (c / d.kernel_group_channels + 1) * d.kernel_group_channels;
+    const int64_t deform_end = (c / d.deform_group_channels + 1) * d.deform_group_channels;
+    const int64_t end = std::min(kernel_end, deform_end);
+    runs.push_back({c, end, c / d.kernel_group_channels, c / d.deform_group_channels,
+                    end == kernel_end, end == deform_end});
+    c = end;
+  }
+  return runs;
+}
+
+// Typed pointers of the operands, and per-thread rows of zeros and scratch.
+template <typename T>
+struct Operands {
+  DepthwiseGeometry d;
+  std::vector<ChannelRun> runs;
+  const T* input;  // (N, H, W, C)
+  const T* scope;  // (S, C)
+  const T* kernel_offset;
+  const T* data_offset;  // null: rigid grid
+  const T* mask;         // null: no modulation
+
+  explicit Operands(const DepthwiseOperands& t)
+      : d(DepthwiseGeometry::of(t.g)),
+        runs(channel_runs(d)),
+        input(t.input.data_ptr<T>()),
+        scope(t.scope.data_ptr<T>()),
+        kernel_offset(t.kernel_offset.data_ptr<T>()),
+        data_offset(t.data_offset.defined() ? t.data_offset.data_ptr<T>() : nullptr),
+        mask(t.mask.defined() ? t.mask.data_ptr<T>() : nullptr) {}
+
+  int64_t image_size() const { return d.height * d.width * d.channels; }
+
+  T modulation(int64_t n, int64_t dg, int64_t tap, int64_t position) const {
+    return mask ? mask[d.mask_index(n, dg, tap, position)] : T(1);
+  }
+};
+
+// Rows of zeros to read and of scratch to write in place of the cells outside a plane.
+template <typename T>
+struct Padding {
+  std::vector<T> zeros, scratch;
+  explicit Padding(int64_t channels) : zeros(channels, T(0)), scratch(4 * channels) {}
+};
+
+// The data cells of tap (i, j) for deform group dg at (n, y, x): the rigid pixel or the four
+// cells around the data point. grad_image: the input gradient's plane of image n, or null.
+template <bool Deformed, typename T>
+inline bool data_cells(const Operands<T>& o, int64_t n, int64_t dg, int64_t i, int64_t j,
+                       int64_t out_y, int64_t out_x, std::type_identity_t<T>* grad_image,
+                       Padding<T>& padding,
+                       FourCells<T>& cells) {
+  const auto& d = o.d;
+  const T* image = o.input + n * o.image_size();
+  if constexpr (Deformed) {
+    return four_cells(d.template data_point<T>(o.data_offset, n, dg, i, j, out_y, out_x), d.height,
+                      d.width, image, grad_image, d.channels, padding.zeros.data(),
+                      padding.scratch.data(), cells);
+  } else {
+    return rigid_cell(d.tap_y(out_y, i), d.tap_x(out_x, j), d.height, d.width, image, grad_image,
+                      d.channels, padding.zeros.data(), padding.scratch.data(), cells);
+  }
+}
+
+template <typename T>
+inline bool scope_cells(const Operands<T>& o, int64_t n, int64_t kg, int64_t i, int64_t j,
+                        int64_t position, std::type_identity_t<T>* grad_scope, Padding<T>& padding,
+                        FourCells<T>& cells) {
+  const auto& d = o.d;
+  return four_cells(d.template scope_point<T>(o.kernel_offset, n, kg, i, j, position), d.scope_h,
+                    d.scope_w, o.scope, grad_scope, d.channels, padding.zeros.data(),
+                    padding.scratch.data(), cells);
+}
+
+// The sampled input of channel c: one cell on the rigid grid, four with data offsets.
+template <bool Deformed, typename T>
+inline T sample(const FourCells<T>& cells, int64_t c) {
+  if constexpr (Deformed) {
+    return cells.weight[0] * cells.value[0][c] + cells.weight[1] * cells.value[1][c] +
+           cells.weight[2] * cells.value[2][c] + cells.weight[3] * cells.value[3][c];
+  } else {
+    return cells.value[0][c];
+  }
+}
+
+template <typename T>
+inline T sample_scope(const FourCells<T>& cells, int64_t c) {
+  return cells.weight[0] * cells.value[0][c] + cells.weight[1] * cells.value[1][c] +
+         cells.weight[2] * cells.value[2][c] + cells.weight[3] * cells.value[3][c];
+}
+
+// ------------------------------------------------------------------ forward
+
+// out (N, H_out, W_out, C): row (n, out_y).
+template <bool Deformed, typename T>
+DK_VECTOR_CLONES void forward_row(const Operands<T>& o, int64_t n, int64_t out_y, T* out,
+                                  Padding<T>& padding) {
+  const auto& d = o.d;
+  for (int64_t out_x = 0; out_x < d.out_w; ++out_x) {
+    const int64_t position = out_y * d.out_w + out_x;
+    T* __restrict sums = out + (n * d.positions + position) * d.channels;
+    std::fill(sums, sums + d.channels, T(0));
+    for (int64_t i = 0; i < d.kernel_h; ++i) {
+      for (int64_t j = 0; j < d.kernel_w; ++j) {
+        const int64_t tap = i * d.kernel_w + j;
+        for (const auto& run : o.runs) {
+          FourCells<T> kernel, data;
+          if (!scope_cells(o, n, run.kernel_group, i, j, position, nullptr, padding, kernel) ||
+              !data_cells<Deformed>(o, n, run.deform_group, i, j, out_y, out_x, nullptr, padding,
+                                    data)) {
+            continue;
+          }
+          const T m = o.modulation(n, run.deform_group, tap, position);
+#pragma omp simd
+          for (int64_t c = run.begin; c < run.end; ++c) {
+            sums[c] += m * sample<Deformed>(data, c) * sample_scope(kernel, c);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_impl(const DepthwiseOperands& t, Tensor& output) {
+  const Operands<T> o(t);
+  T* out = output.data_ptr<T>();
+  at::parallel_for(0, o.d.batch * o.d.out_h, 1, [&](int64_t begin, int64_t end) {
+    Padding<T> padding(o.d.channels);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / o.d.out_h, out_y = row % o.d.out_h;
+      if (o.data_offset) {
+        forward_row<true>(o, n, out_y, out, padding);
+      } else {
+        forward_row<false>(o, n, out_y, out, padding);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+
+// Where one row's backward writes: each pointer null where that gradient is not wanted.
+template <typename T>
+struct RowGradients {
+  T* input;          // (N, H, W, C)
+  T* scope;          // this row's own (S, C) part of the scope gradient
+  T* kernel_offset;  // layouts of the operands
+  T* data_offset;
+  T* mask;
+};
+
+// The gradients of row (n, out_y). With u = dL/dout * W(q) and v = dL/dout * m * X(p), per
+// channel: dX(p) = m * u, dW(q) = v, so the scope cells get B_k * v and the data cells
+// m * A_k * u; the offsets and the mask get the sums over their group's channels
+//   dq = sum_k dB_k/dq (v . W_k)    dp = m sum_k dA_k/dp (u . X_k)    dm = sum_k A_k (u . X_k).
+template <bool Deformed, typename T>
+DK_VECTOR_CLONES void backward_row(const Operands<T>& o, const T* grad_output, int64_t n,
+                                   int64_t out_y, const RowGradients<T>& grads,
+                                   Padding<T>& padding) {
+  const auto& d = o.d;
+  T* grad_image = grads.input ? grads.input + n * o.image_size() : nullptr;
+  const bool through_scope = grads.scope || grads.kernel_offset;
+  const bool through_data = grads.input || grads.data_offset || grads.mask;
+  for (int64_t out_x = 0; out_x < d.out_w; ++out_x) {
+    const int64_t position = out_y * d.out_w + out_x;
+    const T* __restrict go = grad_output + (n * d.positions + position) * d.channels;
+    for (int64_t i = 0; i < d.kernel_h; ++i) {
+      for (int64_t j = 0; j < d.kernel_w; ++j) {
+        const int64_t tap = i * d.kernel_w + j;
+        T scope_dy = 0, scope_dx = 0, data_dy = 0, data_dx = 0, data_dm = 0;
+        for (const auto& run : o.runs) {
+          FourCells<T> kernel, data;
+          if (scope_cells(o, n, run.kernel_group, i, j, position, grads.scope, padding, kernel) &&
+              data_cells<Deformed>(o, n, run.deform_group, i, j, out_y, out_x, grad_image,
+                                   padding, data)) {
+            const T m = o.modulation(n, run.deform_group, tap, position);
+            if (through_scope) {
+              T dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+              T* __restrict g0 = kernel.grad[0];
+              T* __restrict g1 = kernel.grad[1];
+              T* __restrict g2 = kernel.grad[2];
+              T* __restrict g3 = kernel.grad[3];
+#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
+              for (int64_t c = run.begin; c < run.end; ++c) {
+                const T v = m * go[c] * sample<Deformed>(data, c);
+                g0[c] += kernel.weight[0] * v;
+                g1[c] += kernel.weight[1] * v;
+                g2[c] += kernel.weight[2] * v;
+                g3[c] += kernel.weight[3] * v;
+                dot0 += v * kernel.value[0][c];
+                dot1 += v * kernel.value[1][c];
+                dot2 += v * kernel.value[2][c];
+                dot3 += v * kernel.value[3][c];
+              }
+              const T dots[4] = {dot0, dot1, dot2, dot3};
+              for (int k = 0; k < 4; ++k) {
+                scope_dy += kernel.d_dy[k] * dots[k];
+                scope_dx += kernel.d_dx[k] * dots[k];
+              }
+            }
+            if (through_data) {
+              T dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+              T* __restrict g0 = data.grad[0];
+              T* __restrict g1 = data.grad[1];
+              T* __restrict g2 = data.grad[2];
+              T* __restrict g3 = data.grad[3];
+              const T a0 = m * data.weight[0], a1 = m * data.weight[1];
+              const T a2 = m * data.weight[2], a3 = m * data.weight[3];
+#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
+              for (int64_t c = run.begin; c < run.end; ++c) {
+                const T u = go[c] * sample_scope(kernel, c);
+                g0[c] += a0 * u;
+                dot0 += u * data.value[0][c];
+                if constexpr (Deformed) {
+                  g1[c] += a1 * u;
+                  g2[c] += a2 * u;
+                  g3[c] += a3 * u;
+                  dot1 += u * data.value[1][c];
+                  dot2 += u * data.value[2][c];
+                  dot3 += u * data.value[3][c];
+                }
+              }
+              const T dots[4] = {dot0, dot1, dot2, dot3};
+              for (int k = 0; k < 4; ++k) {
+                data_dm += data.weight[k] * dots[k];
+                data_dy += m * data.d_dy[k] * dots[k];
+                data_dx += m * data.d_dx[k] * dots[k];
+              }
+            }
+          }
+          if (run.ends_kernel_group && grads.kernel_offset) {
+            T* out = grads.kernel_offset + d.kernel_offset_index(n, run.kernel_group, tap, position);
+            out[0] = scope_dy;
+            out[d.positions] = scope_dx;
+            scope_dy = scope_dx = 0;
+          }
+          if (run.ends_deform_group) {
+            if (grads.data_offset) {
+              T* out = grads.data_offset + d.data_offset_index(n, run.deform_group, tap, position);
+              out[0] = data_dy;
+              out[d.positions] = data_dx;
+            }
+            if (grads.mask) grads.mask[d.mask_index(n, run.deform_group, tap, position)] = data_dm;
+            data_dy = data_dx = data_dm = 0;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Rows of a phase scatter into disjoint input rows: on the rigid grid a row's taps span
+// (K_h - 1) * dilation + 1 input rows, so rows `phases` apart never meet; data offsets may send
+// a tap anywhere, so each phase is one row of every image.
+int64_t input_grad_phases(const DepthwiseGeometry& d, bool deformed) {
+  if (deformed) return d.out_h;
+  const int64_t span = (d.kernel_h - 1) * d.dilation_h + 1;
+  return std::min(d.out_h, (span + d.stride_h - 1) / d.stride_h);
+}
+
+template <typename T>
+void backward_impl(const DepthwiseOperands& t, const Tensor& grad_output,
+                   DepthwiseGradients& grads) {
+  const Operands<T> o(t);
+  const auto& d = o.d;
+  const int64_t rows = d.batch * d.out_h, scope_size = d.cells * d.channels;
+  // Each row's own part of the scope gradient, summed over the rows below.
+  std::vector<T> row_scope_grads(grads.scope.defined() ? rows * scope_size : 0, T(0));
+  const int64_t phases = grads.input.defined() ? input_grad_phases(d, o.data_offset) : 1;
+  const int64_t rows_per_phase = (d.out_h + phases - 1) / phases;
+  auto pointer = [](Tensor& grad) { return grad.defined() ? grad.data_ptr<T>() : nullptr; };
+  const T* go = grad_output.data_ptr<T>();
+  for (int64_t phase = 0; phase < phases; ++phase) {
+    at::parallel_for(0, d.batch * rows_per_phase, 1, [&](int64_t begin, int64_t end) {
+      Padding<T> padding(d.channels);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t n = item / rows_per_phase;
+        const int64_t out_y = (item % rows_per_phase) * phases + phase;
+        if (out_y >= d.out_h) continue;
+        const int64_t row = n * d.out_h + out_y;
+        const RowGradients<T> row_grads{
+            pointer(grads.input),
+            row_scope_grads.empty() ? nullptr : &row_scope_grads[row * scope_size],
+            pointer(grads.kernel_offset), pointer(grads.data_offset), pointer(grads.mask)};
+        if (o.data_offset) {
+          backward_row<true>(o, go, n, out_y, row_grads, padding);
+        } else {
+          backward_row<false>(o, go, n, out_y, row_grads, padding);
+        }
+      }
+    });
+  }
+  if (grads.scope.defined()) {
+    T* out = grads.scope.data_ptr<T>();
+    at::parallel_for(0, scope_size, 1024, [&](int64_t begin, int64_t end) {
+      std::fill(out + begin, out + end, T(0));
+      for (int64_t row = 0; row < rows; ++row) {
+        const T* part = &row_scope_grads[row * scope_size];
+        for (int64_t k = begin; k < end; ++k) out[k] += part[k];
+      }
+    });
+  }
+}
+
+}  // namespace
+
+void depthwise_forward_cpu(const DepthwiseOperands& t, Tensor& output) {
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "dk_ops_depthwise_forward", [&] {
+    forward_impl<scalar_t>(t, output);
+  });
+}
+
+void depthwise_backward_cpu(const DepthwiseOperands& t, const Tensor& grad_output,
+                            DepthwiseGradients& grads) {
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "dk_ops_depthwise_backward", [&] {
+    backward_impl<scalar_t>(t, grad_output, grads);
+  });
+}
+
+}  // namespace dk_ops
