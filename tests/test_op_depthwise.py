@@ -80,7 +80,8 @@ def test_output_and_gradients_match_reference(problem, dtype):
 
 
 @by_name([problem for problem in DEPTHWISE_PROBLEMS
-          if problem.name in ('k3_scope4_kgroups1', 'k5_scope6_dcn_mask_kgroups8')])
+          if problem.name in ('k3_scope4_kgroups1', 'k3_scope5_kgroups8',
+                              'k5_scope6_dcn_mask_kgroups8')])
 def test_non_contiguous_and_channels_last_inputs(problem):
     assert_matches_reference(problem, problem.make_inputs(), view=strided)
 
@@ -113,7 +114,7 @@ def test_an_empty_batch_gives_the_bias_and_zero_gradients():
 
 
 @by_name([problem for problem in DEPTHWISE_PROBLEMS
-          if problem.name in ('k3_scope4_stride2', 'k3_scope4_dcn_dgroups4')])
+          if problem.name in ('k3_scope4_stride2', 'k3_scope5_kgroups8', 'k3_scope4_dcn_dgroups4')])
 def test_results_do_not_depend_on_the_thread_count(problem):
     tensors = problem.make_inputs(torch.float32)
     threads = torch.get_num_threads()
@@ -130,7 +131,8 @@ def test_results_do_not_depend_on_the_thread_count(problem):
 
 
 OPCHECK_PROBLEMS = [problem for problem in DEPTHWISE_PROBLEMS
-                    if problem.name in ('k3_scope4_kgroups1', 'k5_scope6_dcn_mask_kgroups8')]
+                    if problem.name in ('k3_scope4_kgroups1', 'k3_scope5_kgroups8',
+                                        'k5_scope6_dcn_mask_kgroups8')]
 
 
 @pytest.mark.parametrize('layout', [lambda name, t: t, strided], ids=['contiguous', 'strided'])

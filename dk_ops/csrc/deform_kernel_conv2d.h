@@ -117,25 +117,25 @@ struct GlobalKernels {
 // as the driver hands them to the device's kernels, all contiguous:
 struct DepthwiseOperands {
   DeformKernelGeometry g;
-  at::Tensor input;          // (N, H, W, C) channels-last
-  at::Tensor scope;          // (S, C): the weight, scope cell-major
+  at::Tensor input;          // (N, C, H, W)
+  at::Tensor scope;          // (C, S): the weight
   at::Tensor kernel_offset;  // (N, 2*Gk*taps, H_out, W_out): global offsets broadcast
   at::Tensor data_offset;    // (N, 2*Gd*taps, H_out, W_out), or undefined (rigid data grid)
   at::Tensor mask;           // (N, Gd*taps, H_out, W_out), or undefined
 };
 
-// The depthwise path's gradients; an undefined tensor is not wanted. input (N, H, W, C) and
-// scope (S, C) are in the sum dtype (float32 for half / bfloat16); input arrives zeroed, every
-// other one is written whole, in the layouts of DepthwiseOperands.
+// The depthwise path's gradients, in the layouts of DepthwiseOperands; an undefined tensor is
+// not wanted. input and scope are in the sum dtype (float32 for half / bfloat16); input arrives
+// zeroed, every other one is written whole.
 struct DepthwiseGradients {
   at::Tensor input, scope, kernel_offset, data_offset, mask;
 };
 
 // Null where the device has no depthwise path (the driver then takes the scope columns).
 struct DepthwiseKernels {
-  // output (N, H_out, W_out, C) = the op's output without the bias, channels-last.
+  // output (N, C, H_out, W_out) = the op's output without the bias.
   void (*forward)(const DepthwiseOperands& t, at::Tensor& output) = nullptr;
-  // grad_output (N, H_out, W_out, C) channels-last.
+  // grad_output (N, C, H_out, W_out).
   void (*backward)(const DepthwiseOperands& t, const at::Tensor& grad_output,
                    DepthwiseGradients& grads) = nullptr;
 };

@@ -544,24 +544,25 @@ DepthwiseOperands depthwise_operands(const DeformKernelGeometry& g, const Operan
       g.global_kernel_offset
           ? t.kernel_offset.view({g.batch, -1, 1, 1}).expand({-1, -1, g.out_h, g.out_w})
           : t.kernel_offset;
-  auto defined_or_undefined = [](const OptionalTensor& o) {
+  auto contiguous_or_undefined = [](const OptionalTensor& o) {
     return o ? o->contiguous() : Tensor();
   };
   return {g,
-          t.input.permute({0, 2, 3, 1}).contiguous(),
-          t.weight.reshape({g.in_channels, g.scope_cells()}).t().contiguous(),
+          t.input.contiguous(),
+          t.weight.reshape({g.in_channels, g.scope_cells()}).contiguous(),
           local_offset.contiguous(),
-          defined_or_undefined(t.data_offset),
-          defined_or_undefined(t.mask)};
+          contiguous_or_undefined(t.data_offset),
+          contiguous_or_undefined(t.mask)};
 }
 
 Tensor forward_depthwise(const DepthwiseKernels& kernels, const DeformKernelGeometry& g,
                          const Operands& t) {
   const auto operands = depthwise_operands(g, t);
-  auto out_rows = at::empty({g.batch, g.out_h, g.out_w, g.out_channels}, t.input.options());
+  auto output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, t.input.options());
   RECORD_FUNCTION("dk_ops::depthwise_forward", std::vector<c10::IValue>());
-  kernels.forward(operands, out_rows);
-  return output_from_rows(out_rows.view({-1, g.out_channels}), g, t.bias);
+  kernels.forward(operands, output);
+  if (t.bias) output.add_(t.bias->view({1, -1, 1, 1}));
+  return output;
 }
 
 Gradients backward_depthwise(const DepthwiseKernels& kernels, const DeformKernelGeometry& g,
@@ -577,13 +578,12 @@ Gradients backward_depthwise(const DepthwiseKernels& kernels, const DeformKernel
   if (wanted.mask) grads.mask = at::empty_like(operands.mask);
   {
     RECORD_FUNCTION("dk_ops::depthwise_backward", std::vector<c10::IValue>());
-    kernels.backward(operands, to_rows(grad_output).view({g.batch, g.out_h, g.out_w, -1}),
-                     grads);
+    kernels.backward(operands, grad_output.contiguous(), grads);
   }
   const auto dtype = t.input.scalar_type();
   std::array<Tensor, 5> results;
-  if (wanted.input) results[0] = grads.input.permute({0, 3, 1, 2}).to(dtype);
-  if (wanted.weight) results[1] = grads.scope.t().reshape(t.weight.sizes()).to(dtype);
+  if (wanted.input) results[0] = grads.input.to(dtype);  // no-ops unless summed in float32
+  if (wanted.weight) results[1] = grads.scope.view(t.weight.sizes()).to(dtype);
   if (wanted.kernel_offset) {
     results[2] = g.global_kernel_offset ? grads.kernel_offset.sum({2, 3}) : grads.kernel_offset;
   }

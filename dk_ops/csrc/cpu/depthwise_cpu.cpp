@@ -1,18 +1,26 @@
-// CPU kernels of the direct depthwise path (depthwise.h has the math).
+// CPU kernels of the direct depthwise path (depthwise.h has the math), two of them:
 //
-// Channels-last throughout, so that a (location, tap) reads and writes contiguous channels: for
-// each run of channels sharing a kernel offset group and a deform group, the scope point and the
-// data point are located once, and the channel loops apply their bilinear weights as vector
-// multiply-adds over the run. The threads take image rows (n, y_out). The backward's sums do not
-// depend on the thread count: the scope gradient is summed per row, then over the rows in order,
-// and the input gradient is scattered in phases of rows whose taps read disjoint input rows.
+// Shared offsets (channels of a kernel offset group > 1, or data offsets / a mask): channels-last
+// copies, so that a (location, tap) reads and writes contiguous channels. For each run of
+// channels sharing a kernel offset group and a deform group, the scope point and the data point
+// are located once, and the channel loops apply their bilinear weights as vector multiply-adds
+// over the run. The threads take image rows (n, y_out). The backward's sums do not depend on the
+// thread count: the scope gradient is summed per row, then over the rows in order, and the
+// input gradient is scattered in phases of rows whose taps read disjoint input rows.
+//
+// One kernel offset set per channel on a rigid grid: the channels share nothing, and their
+// offsets are planes of (H_out, W_out), so the planes stay as they are and the loops run along
+// the output rows, each channel on one thread (its input, scope and offset gradients are its
+// own: no sums across threads).
 #include "depthwise_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../depthwise.h"
@@ -211,10 +219,20 @@ DK_VECTOR_CLONES void forward_row(const Operands<T>& o, int64_t n, int64_t out_y
   }
 }
 
+// The operands with the input channels-last (N, H, W, C) and the scope cell-major (S, C).
+DepthwiseOperands channels_last(const DepthwiseOperands& t) {
+  auto result = t;
+  result.input = t.input.permute({0, 2, 3, 1}).contiguous();
+  result.scope = t.scope.t().contiguous();
+  return result;
+}
+
 template <typename T>
-void forward_impl(const DepthwiseOperands& t, Tensor& output) {
-  const Operands<T> o(t);
-  T* out = output.data_ptr<T>();
+void forward_shared(const DepthwiseOperands& t, Tensor& output) {
+  const auto operands = channels_last(t);  // alive while o points into it
+  const Operands<T> o(operands);
+  Tensor out_rows = at::empty({o.d.batch, o.d.out_h, o.d.out_w, o.d.channels}, output.options());
+  T* out = out_rows.data_ptr<T>();
   at::parallel_for(0, o.d.batch * o.d.out_h, 1, [&](int64_t begin, int64_t end) {
     Padding<T> padding(o.d.channels);
     for (int64_t row = begin; row < end; ++row) {
@@ -226,6 +244,7 @@ void forward_impl(const DepthwiseOperands& t, Tensor& output) {
       }
     }
   });
+  output.copy_(out_rows.permute({0, 3, 1, 2}));
 }
 
 // ------------------------------------------------------------------ backward
@@ -350,9 +369,19 @@ int64_t input_grad_phases(const DepthwiseGeometry& d, bool deformed) {
 }
 
 template <typename T>
-void backward_impl(const DepthwiseOperands& t, const Tensor& grad_output,
-                   DepthwiseGradients& grads) {
-  const Operands<T> o(t);
+void backward_shared(const DepthwiseOperands& t, const Tensor& grad_output,
+                     DepthwiseGradients& planar_grads) {
+  const auto operands = channels_last(t);  // alive while o points into it
+  const Operands<T> o(operands);
+  const Tensor grad_output_rows = grad_output.permute({0, 2, 3, 1}).contiguous();
+  DepthwiseGradients grads = planar_grads;
+  if (planar_grads.input.defined()) {
+    grads.input = at::zeros({o.d.batch, o.d.height, o.d.width, o.d.channels},
+                            planar_grads.input.options());
+  }
+  if (planar_grads.scope.defined()) {
+    grads.scope = at::empty({o.d.cells, o.d.channels}, planar_grads.scope.options());
+  }
   const auto& d = o.d;
   const int64_t rows = d.batch * d.out_h, scope_size = d.cells * d.channels;
   // Each row's own part of the scope gradient, summed over the rows below.
@@ -360,7 +389,7 @@ void backward_impl(const DepthwiseOperands& t, const Tensor& grad_output,
   const int64_t phases = grads.input.defined() ? input_grad_phases(d, o.data_offset) : 1;
   const int64_t rows_per_phase = (d.out_h + phases - 1) / phases;
   auto pointer = [](Tensor& grad) { return grad.defined() ? grad.data_ptr<T>() : nullptr; };
-  const T* go = grad_output.data_ptr<T>();
+  const T* go = grad_output_rows.data_ptr<T>();
   for (int64_t phase = 0; phase < phases; ++phase) {
     at::parallel_for(0, d.batch * rows_per_phase, 1, [&](int64_t begin, int64_t end) {
       Padding<T> padding(d.channels);
@@ -390,21 +419,240 @@ void backward_impl(const DepthwiseOperands& t, const Tensor& grad_output,
         for (int64_t k = begin; k < end; ++k) out[k] += part[k];
       }
     });
+    planar_grads.scope.copy_(grads.scope.t());
   }
+  if (grads.input.defined()) planar_grads.input.copy_(grads.input.permute({0, 3, 1, 2}));
+}
+
+// ------------------------------------------------------------------ one offset set per channel
+
+// A channel's scope with a border of zeros, so that the four cells around any point inside
+// (-1, S_h) x (-1, S_w) are in memory and the cells outside the scope read zero: the loops along
+// the output rows then need no branches and vectorise (with gathers).
+template <typename T>
+struct PaddedScope {
+  int64_t width;  // S_w + 2
+  std::vector<T> cells;
+
+  PaddedScope(const DepthwiseGeometry& d, const T* scope)
+      : width(d.scope_w + 2), cells((d.scope_h + 2) * (d.scope_w + 2), T(0)) {
+    for (int64_t y = 0; y < d.scope_h; ++y) {
+      std::copy(scope + y * d.scope_w, scope + (y + 1) * d.scope_w, &cells[(y + 1) * width + 1]);
+    }
+  }
+};
+
+// Where a tap's scope point falls in the padded scope: the top-left cell, the fractions, and
+// whether it samples at all (a point outside, or a non-finite offset, does not: its weights are
+// then zero and its cell a valid one).
+template <typename T>
+struct ScopeSample {
+  int top_left;
+  T ly, lx, inside;
+};
+
+template <typename T>
+inline ScopeSample<T> scope_sample(const DepthwiseGeometry& d, int64_t width, T qy, T qx) {
+  // & rather than &&: no branches, so that the loops calling this vectorise.
+  const bool inside = (qy > T(-1)) & (qy < T(d.scope_h)) & (qx > T(-1)) & (qx < T(d.scope_w));
+  const T y = inside ? qy : T(-1), x = inside ? qx : T(-1);
+  const T floor_y = std::floor(y), floor_x = std::floor(x);
+  return {static_cast<int>(floor_y + 1) * static_cast<int>(width) + static_cast<int>(floor_x + 1),
+          y - floor_y, x - floor_x, inside ? T(1) : T(0)};
+}
+
+// The output columns [begin, end) whose tap at column offset j * dilation reads inside the image.
+inline std::pair<int64_t, int64_t> reading_columns(const DepthwiseGeometry& d, int64_t j) {
+  const int64_t shift = d.pad_w - j * d.dilation_w;  // out_x * stride - shift is the input column
+  const int64_t begin = shift > 0 ? (shift + d.stride_w - 1) / d.stride_w : 0;
+  const int64_t end = d.width - 1 + shift >= 0 ? (d.width - 1 + shift) / d.stride_w + 1 : 0;
+  return {std::min(begin, d.out_w), std::clamp<int64_t>(end, begin, d.out_w)};
+}
+
+template <typename T>
+DK_VECTOR_CLONES void forward_channel(const DepthwiseGeometry& d, const T* input,
+                                      const T* scope, const T* kernel_offset, T* output,
+                                      int64_t c) {
+  const PaddedScope<T> padded(d, scope + c * d.cells);
+  const T* __restrict p = padded.cells.data();
+  const int pw = static_cast<int>(padded.width);
+  for (int64_t n = 0; n < d.batch; ++n) {
+    const T* image = input + (n * d.channels + c) * d.height * d.width;
+    T* __restrict out = output + (n * d.channels + c) * d.positions;
+    std::fill(out, out + d.positions, T(0));
+    for (int64_t i = 0; i < d.kernel_h; ++i) {
+      for (int64_t j = 0; j < d.kernel_w; ++j) {
+        const T* dy = kernel_offset + d.kernel_offset_index(n, c, i * d.kernel_w + j, 0);
+        const T* dx = dy + d.positions;
+        const T origin_y = T(d.origin_h + i), origin_x = T(d.origin_w + j);
+        const auto [begin, end] = reading_columns(d, j);
+        for (int64_t out_y = 0; out_y < d.out_h; ++out_y) {
+          const int64_t y = d.tap_y(out_y, i);
+          if (y < 0 || y >= d.height) continue;
+          const T* __restrict row = image + y * d.width + d.tap_x(0, j);
+          const int64_t first = out_y * d.out_w;
+#pragma omp simd
+          for (int64_t out_x = begin; out_x < end; ++out_x) {
+            const auto s = scope_sample(d, pw, origin_y + dy[first + out_x],
+                                        origin_x + dx[first + out_x]);
+            const T w = s.inside * ((1 - s.ly) * ((1 - s.lx) * p[s.top_left] + s.lx * p[s.top_left + 1]) +
+                                    s.ly * ((1 - s.lx) * p[s.top_left + pw] +
+                                            s.lx * p[s.top_left + pw + 1]));
+            out[first + out_x] += row[out_x * d.stride_w] * w;
+          }
+        }
+      }
+    }
+  }
+}
+
+// The gradients of channel c; grad_scope_cells and the row buffers are the thread's own.
+template <typename T>
+DK_VECTOR_CLONES void backward_channel(const DepthwiseGeometry& d, const T* input,
+                                       const T* scope, const T* kernel_offset,
+                                       const T* grad_output, T* grad_input, T* grad_scope,
+                                       T* grad_kernel_offset, int64_t c) {
+  const PaddedScope<T> padded(d, scope + c * d.cells);
+  const T* __restrict p = padded.cells.data();
+  const int pw = static_cast<int>(padded.width);
+  std::vector<T> grad_cells(padded.cells.size(), T(0));
+  // Per output column of a row, from a loop without branches that vectorises: the sample's cell,
+  // weights and dL/dW(q), for the scatter into grad_cells (a loop of its own: AVX2 has no vector
+  // scatter), its input gradient and its offset gradients.
+  std::vector<int> row_cell(d.out_w);
+  std::vector<T> row_ly(d.out_w), row_lx(d.out_w), row_grad(d.out_w), row_input_grad(d.out_w);
+  std::vector<T> row_grad_dy(d.out_w), row_grad_dx(d.out_w);
+  for (int64_t n = 0; n < d.batch; ++n) {
+    const int64_t plane = (n * d.channels + c) * d.height * d.width;
+    const T* image = input + plane;
+    T* grad_image = grad_input ? grad_input + plane : nullptr;
+    const T* __restrict go = grad_output + (n * d.channels + c) * d.positions;
+    for (int64_t i = 0; i < d.kernel_h; ++i) {
+      for (int64_t j = 0; j < d.kernel_w; ++j) {
+        const int64_t offset_index = d.kernel_offset_index(n, c, i * d.kernel_w + j, 0);
+        const T* dy = kernel_offset + offset_index;
+        const T* dx = dy + d.positions;
+        T* grad_dy = grad_kernel_offset ? grad_kernel_offset + offset_index : nullptr;
+        T* grad_dx = grad_dy ? grad_dy + d.positions : nullptr;
+        const T origin_y = T(d.origin_h + i), origin_x = T(d.origin_w + j);
+        const auto [begin, end] = reading_columns(d, j);
+        for (int64_t out_y = 0; out_y < d.out_h; ++out_y) {
+          const int64_t y = d.tap_y(out_y, i);
+          const int64_t first = out_y * d.out_w;
+          const bool row_inside = y >= 0 && y < d.height;
+          if (grad_dy) {  // the taps that read outside the image get no gradient
+            const int64_t zero_end = row_inside ? begin : d.out_w;
+            std::fill(grad_dy + first, grad_dy + first + zero_end, T(0));
+            std::fill(grad_dx + first, grad_dx + first + zero_end, T(0));
+            if (row_inside) {
+              std::fill(grad_dy + first + end, grad_dy + first + d.out_w, T(0));
+              std::fill(grad_dx + first + end, grad_dx + first + d.out_w, T(0));
+            }
+          }
+          if (!row_inside) continue;
+          const T* __restrict row = image + y * d.width + d.tap_x(0, j);
+#pragma omp simd
+          for (int64_t out_x = begin; out_x < end; ++out_x) {
+            const auto s = scope_sample(d, pw, origin_y + dy[first + out_x],
+                                        origin_x + dx[first + out_x]);
+            const T p00 = p[s.top_left], p01 = p[s.top_left + 1];
+            const T p10 = p[s.top_left + pw], p11 = p[s.top_left + pw + 1];
+            const T g = go[first + out_x] * s.inside;
+            const T v = g * row[out_x * d.stride_w];  // dL/dW(q)
+            row_cell[out_x] = s.top_left;
+            row_ly[out_x] = s.ly;
+            row_lx[out_x] = s.lx;
+            row_grad[out_x] = v;
+            row_input_grad[out_x] = g * ((1 - s.ly) * ((1 - s.lx) * p00 + s.lx * p01) +
+                                         s.ly * ((1 - s.lx) * p10 + s.lx * p11));
+            row_grad_dy[out_x] = v * ((1 - s.lx) * (p10 - p00) + s.lx * (p11 - p01));
+            row_grad_dx[out_x] = v * ((1 - s.ly) * (p01 - p00) + s.ly * (p11 - p10));
+          }
+          if (grad_image) {
+            T* grad_row = grad_image + y * d.width + d.tap_x(0, j);
+            for (int64_t out_x = begin; out_x < end; ++out_x) {
+              grad_row[out_x * d.stride_w] += row_input_grad[out_x];
+            }
+          }
+          if (grad_dy) {
+            std::copy(&row_grad_dy[begin], &row_grad_dy[end], grad_dy + first + begin);
+            std::copy(&row_grad_dx[begin], &row_grad_dx[end], grad_dx + first + begin);
+          }
+          if (grad_scope) {
+            for (int64_t out_x = begin; out_x < end; ++out_x) {
+              const T ly = row_ly[out_x], lx = row_lx[out_x], v = row_grad[out_x];
+              T* cell = &grad_cells[row_cell[out_x]];
+              cell[0] += (1 - ly) * (1 - lx) * v;
+              cell[1] += (1 - ly) * lx * v;
+              cell[pw] += ly * (1 - lx) * v;
+              cell[pw + 1] += ly * lx * v;
+            }
+          }
+        }
+      }
+    }
+  }
+  if (grad_scope) {
+    for (int64_t y = 0; y < d.scope_h; ++y) {
+      for (int64_t x = 0; x < d.scope_w; ++x) {
+        grad_scope[c * d.cells + y * d.scope_w + x] = grad_cells[(y + 1) * pw + x + 1];
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_per_channel(const DepthwiseOperands& t, Tensor& output) {
+  const auto d = DepthwiseGeometry::of(t.g);
+  at::parallel_for(0, d.channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      forward_channel(d, t.input.data_ptr<T>(), t.scope.data_ptr<T>(),
+                      t.kernel_offset.data_ptr<T>(), output.data_ptr<T>(), c);
+    }
+  });
+}
+
+template <typename T>
+void backward_per_channel(const DepthwiseOperands& t, const Tensor& grad_output,
+                          DepthwiseGradients& grads) {
+  const auto d = DepthwiseGeometry::of(t.g);
+  auto pointer = [](Tensor& grad) { return grad.defined() ? grad.data_ptr<T>() : nullptr; };
+  at::parallel_for(0, d.channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      backward_channel(d, t.input.data_ptr<T>(), t.scope.data_ptr<T>(),
+                       t.kernel_offset.data_ptr<T>(), grad_output.data_ptr<T>(),
+                       pointer(grads.input), pointer(grads.scope), pointer(grads.kernel_offset),
+                       c);
+    }
+  });
+}
+
+// One kernel offset set per channel on a rigid grid: the per-channel kernels.
+bool per_channel(const DepthwiseOperands& t) {
+  return t.g.kernel_offset_groups == t.g.in_channels && !t.data_offset.defined() &&
+         !t.mask.defined();
 }
 
 }  // namespace
 
 void depthwise_forward_cpu(const DepthwiseOperands& t, Tensor& output) {
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "dk_ops_depthwise_forward", [&] {
-    forward_impl<scalar_t>(t, output);
+    if (per_channel(t)) {
+      forward_per_channel<scalar_t>(t, output);
+    } else {
+      forward_shared<scalar_t>(t, output);
+    }
   });
 }
 
 void depthwise_backward_cpu(const DepthwiseOperands& t, const Tensor& grad_output,
                             DepthwiseGradients& grads) {
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "dk_ops_depthwise_backward", [&] {
-    backward_impl<scalar_t>(t, grad_output, grads);
+    if (per_channel(t)) {
+      backward_per_channel<scalar_t>(t, grad_output, grads);
+    } else {
+      backward_shared<scalar_t>(t, grad_output, grads);
+    }
   });
 }
 
