@@ -1,8 +1,8 @@
 """The direct depthwise path of ``dk_ops.deform_kernel_conv2d`` (groups == C_in == C_out): its
 output and every gradient against the float64 reference over kernel sizes 1 to 7, scopes K+1
-and K+2, strides, dilations, kernel offset groups 1, C/4 and C, data offsets and masks; that
-the op picks it by itself; layouts, an empty batch, the thread count, opcheck and
-torch.compile."""
+and K+2, strides, dilations, kernel offset groups 1, C/4 and C, data offsets and masks, on the
+CPU kernels and on the CUDA kernels emulated on the CPU (half and bfloat16 there too); that the
+op picks it by itself; layouts, an empty batch, the thread count, opcheck and torch.compile."""
 import dataclasses
 
 import pytest
@@ -11,8 +11,11 @@ import torch
 import dk_ops
 from dk_reference import (Problem, by_name, deform_kernel_conv2d_reference, non_contiguous,
                           output_and_gradients)
+from emulated_cuda import EmulatedCudaKernels
+from emulated_cuda import assert_matches_reference as assert_emulated_matches_reference
 from op_arguments import backward_op_args, forward_op_args
-from op_comparison import TOLERANCE, assert_gradients_close
+from op_comparison import (TOLERANCE, assert_gradients_close,
+                           assert_reduced_precision_close_to_float32)
 
 CHANNELS = 8
 
@@ -161,3 +164,27 @@ def test_torch_compile_fullgraph_matches_eager(problem):
                                                      tensors)
     torch.testing.assert_close(output, expected_output)
     assert_gradients_close(gradients, expected, rtol=1.3e-6, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- emulated CUDA
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
+@by_name(DEPTHWISE_PROBLEMS)
+def test_cuda_kernels_match_reference(problem, dtype):
+    assert_emulated_matches_reference(problem, problem.make_inputs(dtype), TOLERANCE[dtype])
+
+
+def test_cuda_kernels_run_the_depthwise_path():
+    problem = DEPTHWISE_PROBLEMS[0]
+    with EmulatedCudaKernels():
+        assert ranges_run(problem, problem.make_inputs(torch.float32)) == {
+            'dk_ops::depthwise_forward', 'dk_ops::depthwise_backward'}
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+@by_name([problem for problem in DEPTHWISE_PROBLEMS
+          if problem.name in ('k3_scope4_kgroups1', 'k3_scope5_kgroups8',
+                              'k5_scope6_dcn_mask_kgroups8')])
+def test_cuda_kernels_in_reduced_precision_close_to_float32(problem, dtype):
+    with EmulatedCudaKernels() as emulated:
+        assert_reduced_precision_close_to_float32(problem, dtype, view=lambda name, t: t)
+    assert emulated.calls == {'deform_kernel_conv2d': 2, 'deform_kernel_conv2d_backward': 2}
