@@ -81,15 +81,37 @@ struct View {
   }
 };
 
+// Output element `index` of (N, C, H_out, W_out), with its position's (out_y, out_x).
+struct OutputElement {
+  int64_t n, c, position, out_y, out_x;
+};
+
+__device__ inline OutputElement output_element(const DepthwiseGeometry& d, int64_t index) {
+  const int64_t position = index % d.positions;
+  return {index / (d.positions * d.channels), (index / d.positions) % d.channels, position,
+          position / d.out_w, position % d.out_w};
+}
+
+// Item `index` of the (n, group, tap, position) grid of the offset and mask gradients, position
+// fastest, with the tap's (i, j) and the position's (out_y, out_x).
+struct TapItem {
+  int64_t n, group, tap, i, j, position, out_y, out_x;
+};
+
+__device__ inline TapItem tap_item(const DepthwiseGeometry& d, int64_t index, int64_t groups) {
+  const int64_t position = index % d.positions, tap = (index / d.positions) % d.taps;
+  return {index / (d.positions * d.taps * groups), (index / (d.positions * d.taps)) % groups,
+          tap, tap / d.kernel_w, tap % d.kernel_w, position, position / d.out_w,
+          position % d.out_w};
+}
+
 template <typename scalar_t>
 __global__ void forward_kernel(const __grid_constant__ View<scalar_t> v, scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto& d = v.d;
   const int64_t count = d.batch * d.channels * d.positions;
   for (int64_t index = first_thread(); index < count; index += thread_stride()) {
-    const int64_t position = index % d.positions, c = (index / d.positions) % d.channels;
-    const int64_t n = index / (d.positions * d.channels);
-    const int64_t out_y = position / d.out_w, out_x = position % d.out_w;
+    const auto [n, c, position, out_y, out_x] = output_element(d, index);
     const int64_t kg = c / d.kernel_group_channels, dg = c / d.deform_group_channels;
     acc_t sum = 0;
     for (int64_t i = 0; i < d.kernel_h; ++i) {
@@ -157,9 +179,7 @@ __global__ void input_grad_atomic_kernel(const __grid_constant__ View<scalar_t> 
   const auto& d = v.d;
   const int64_t count = d.batch * d.channels * d.positions;
   for (int64_t index = first_thread(); index < count; index += thread_stride()) {
-    const int64_t position = index % d.positions, c = (index / d.positions) % d.channels;
-    const int64_t n = index / (d.positions * d.channels);
-    const int64_t out_y = position / d.out_w, out_x = position % d.out_w;
+    const auto [n, c, position, out_y, out_x] = output_element(d, index);
     const int64_t dg = c / d.deform_group_channels;
     acc_t* grad_image = grad_input + (n * d.channels + c) * d.height * d.width;
     for (int64_t i = 0; i < d.kernel_h; ++i) {
@@ -235,11 +255,7 @@ __global__ void kernel_offset_grad_kernel(const __grid_constant__ View<scalar_t>
   const auto& d = v.d;
   const int64_t count = d.batch * d.kernel_groups * d.taps * d.positions;
   for (int64_t index = first_thread(); index < count; index += thread_stride()) {
-    const int64_t position = index % d.positions, tap = (index / d.positions) % d.taps;
-    const int64_t kg = (index / (d.positions * d.taps)) % d.kernel_groups;
-    const int64_t n = index / (d.positions * d.taps * d.kernel_groups);
-    const int64_t i = tap / d.kernel_w, j = tap % d.kernel_w;
-    const int64_t out_y = position / d.out_w, out_x = position % d.out_w;
+    const auto [n, kg, tap, i, j, position, out_y, out_x] = tap_item(d, index, d.kernel_groups);
     const auto q = d.template scope_point<acc_t>(v.kernel_offset, n, kg, i, j, position);
     acc_t grad_y = 0, grad_x = 0;
     if (q.inside) {
@@ -277,11 +293,7 @@ __global__ void data_offset_and_mask_grad_kernel(const __grid_constant__ View<sc
   const auto& d = v.d;
   const int64_t count = d.batch * d.deform_groups * d.taps * d.positions;
   for (int64_t index = first_thread(); index < count; index += thread_stride()) {
-    const int64_t position = index % d.positions, tap = (index / d.positions) % d.taps;
-    const int64_t dg = (index / (d.positions * d.taps)) % d.deform_groups;
-    const int64_t n = index / (d.positions * d.taps * d.deform_groups);
-    const int64_t i = tap / d.kernel_w, j = tap % d.kernel_w;
-    const int64_t out_y = position / d.out_w, out_x = position % d.out_w;
+    const auto [n, dg, tap, i, j, position, out_y, out_x] = tap_item(d, index, d.deform_groups);
     const auto p = v.data_point(n, dg, i, j, out_y, out_x);
     acc_t grad_m = 0, grad_y = 0, grad_x = 0;
     if (p.inside) {
