@@ -3,6 +3,7 @@ output and every gradient against the float64 reference over kernel sizes 1 to 7
 and K+2, strides, dilations, kernel offset groups 1, C/4 and C, data offsets and masks, on the
 CPU kernels and on the CUDA kernels emulated on the CPU (half and bfloat16 there too); that the
 op picks it by itself; layouts, an empty batch, the thread count, opcheck and torch.compile."""
+import contextlib
 import dataclasses
 
 import pytest
@@ -188,3 +189,36 @@ def test_cuda_kernels_in_reduced_precision_close_to_float32(problem, dtype):
     with EmulatedCudaKernels() as emulated:
         assert_reduced_precision_close_to_float32(problem, dtype, view=lambda name, t: t)
     assert emulated.calls == {'deform_kernel_conv2d': 2, 'deform_kernel_conv2d_backward': 2}
+
+
+def with_non_finite_offsets(tensors):
+    """The tensors with NaN, +-inf and a huge value among the kernel and data offsets, and the
+    same tensors with those offsets at 1e6, where the reference samples nothing either (the op
+    puts a tap with a non-finite offset outside, contributing zero)."""
+    marked, outside = dict(tensors), dict(tensors)
+    for name in ('kernel_offset', 'data_offset'):
+        if tensors[name] is not None:
+            flat = tensors[name].clone().view(-1)
+            flat[0::7], flat[1::11], flat[2::13], flat[3::17] = (
+                float('nan'), float('inf'), -float('inf'), 1e30)
+            marked[name] = flat.view(tensors[name].shape)
+            outside[name] = torch.where(marked[name].isfinite() & (marked[name].abs() < 1e6),
+                                        marked[name], torch.full_like(marked[name], 1e6))
+    return marked, outside
+
+
+@pytest.mark.parametrize('kernels', ['cpu', 'emulated_cuda'])
+@by_name([problem for problem in DEPTHWISE_PROBLEMS
+          if problem.name in ('k3_scope4_kgroups1', 'k3_scope5_kgroups8',
+                              'k5_scope6_dcn_mask_kgroups8')])
+def test_non_finite_offsets_sample_nothing(problem, kernels):
+    marked, outside = with_non_finite_offsets(problem.make_inputs())
+    wrt = ['input', 'weight'] + [name for name in ('mask', 'bias') if marked[name] is not None]
+    with EmulatedCudaKernels() if kernels == 'emulated_cuda' else contextlib.nullcontext():
+        output, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, marked,
+                                                 wrt=wrt)
+    expected_output, expected = output_and_gradients(problem, deform_kernel_conv2d_reference,
+                                                     outside, wrt=wrt)
+    assert output.isfinite().all()
+    torch.testing.assert_close(output, expected_output, **TOLERANCE[torch.float64])
+    assert_gradients_close(gradients, expected, **TOLERANCE[torch.float64])
