@@ -15,7 +15,7 @@
 //                   gradients as on the columns
 //   depthwise       groups == C_in == C_out, where the device has its kernels: no columns; each
 //                   (location, tap, offset group) samples its scope once for the group's channels
-//                   (depthwise.h), one device kernel for the forward, one for the backward
+//                   (depthwise.h), one device function for the forward, one for the backward
 //   columns         the default local path, per chunk of columns (deform_kernel_conv2d.h), per
 //                   group:
 //       forward   out[cols]  = Z @ W'^T          W' = weight as (C_out, S*C_in/g)
