@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import dk_ops
+from determinism import deterministic_algorithms
 from dk_reference import (Problem, by_name, deform_kernel_conv2d_reference, non_contiguous,
                           output_and_gradients)
-from emulated_cuda import EmulatedCudaKernels
+from emulated_cuda import EmulatedCudaKernels, emulated_output_and_gradients
 from emulated_cuda import assert_matches_reference as assert_emulated_matches_reference
 from op_arguments import backward_op_args, forward_op_args
 from op_comparison import (TOLERANCE, assert_gradients_close,
@@ -222,3 +223,17 @@ def test_non_finite_offsets_sample_nothing(problem, kernels):
     assert output.isfinite().all()
     torch.testing.assert_close(output, expected_output, **TOLERANCE[torch.float64])
     assert_gradients_close(gradients, expected, **TOLERANCE[torch.float64])
+
+
+def test_cuda_data_offset_input_gradient_is_refused_in_deterministic_mode():
+    # The depthwise input gradient is added with atomics where there are data offsets, and
+    # gathered without them on a rigid grid.
+    deformed = next(problem for problem in DEPTHWISE_PROBLEMS
+                    if problem.name == 'k3_scope4_dcn_dgroups4')
+    rigid = DEPTHWISE_PROBLEMS[0]
+    with deterministic_algorithms():
+        with pytest.raises(RuntimeError, match='does not have a deterministic implementation'):
+            emulated_output_and_gradients(deformed, deformed.make_inputs())
+        emulated_output_and_gradients(deformed, deformed.make_inputs(),
+                                      wrt=['weight', 'kernel_offset', 'data_offset', 'bias'])
+        emulated_output_and_gradients(rigid, rigid.make_inputs())
