@@ -339,7 +339,8 @@ DK_VECTOR_CLONES void backward_row(const Operands<T>& o, const T* grad_output, i
             }
           }
           if (run.ends_kernel_group && grads.kernel_offset) {
-            T* out = grads.kernel_offset + d.kernel_offset_index(n, run.kernel_group, tap, position);
+            T* out =
+                grads.kernel_offset + d.kernel_offset_index(n, run.kernel_group, tap, position);
             out[0] = scope_dy;
             out[d.positions] = scope_dx;
             scope_dy = scope_dx = 0;
@@ -461,6 +462,12 @@ inline ScopeSample<T> scope_sample(const DepthwiseGeometry& d, int64_t width, T 
           y - floor_y, x - floor_x, inside ? T(1) : T(0)};
 }
 
+// The bilinear blend of the sample's four cells, top-left, top-right, bottom-left, bottom-right.
+template <typename T>
+inline T blend(const ScopeSample<T>& s, T p00, T p01, T p10, T p11) {
+  return (1 - s.ly) * ((1 - s.lx) * p00 + s.lx * p01) + s.ly * ((1 - s.lx) * p10 + s.lx * p11);
+}
+
 // The output columns [begin, end) whose tap at column offset j * dilation reads inside the image.
 inline std::pair<int64_t, int64_t> reading_columns(const DepthwiseGeometry& d, int64_t j) {
   const int64_t shift = d.pad_w - j * d.dilation_w;  // out_x * stride - shift is the input column
@@ -495,9 +502,8 @@ DK_VECTOR_CLONES void forward_channel(const DepthwiseGeometry& d, const T* input
           for (int64_t out_x = begin; out_x < end; ++out_x) {
             const auto s = scope_sample(d, pw, origin_y + dy[first + out_x],
                                         origin_x + dx[first + out_x]);
-            const T w = s.inside * ((1 - s.ly) * ((1 - s.lx) * p[s.top_left] + s.lx * p[s.top_left + 1]) +
-                                    s.ly * ((1 - s.lx) * p[s.top_left + pw] +
-                                            s.lx * p[s.top_left + pw + 1]));
+            const T w = s.inside * blend(s, p[s.top_left], p[s.top_left + 1], p[s.top_left + pw],
+                                         p[s.top_left + pw + 1]);
             out[first + out_x] += row[out_x * d.stride_w] * w;
           }
         }
@@ -563,8 +569,7 @@ DK_VECTOR_CLONES void backward_channel(const DepthwiseGeometry& d, const T* inpu
             row_ly[out_x] = s.ly;
             row_lx[out_x] = s.lx;
             row_grad[out_x] = v;
-            row_input_grad[out_x] = g * ((1 - s.ly) * ((1 - s.lx) * p00 + s.lx * p01) +
-                                         s.ly * ((1 - s.lx) * p10 + s.lx * p11));
+            row_input_grad[out_x] = g * blend(s, p00, p01, p10, p11);
             row_grad_dy[out_x] = v * ((1 - s.lx) * (p10 - p00) + s.lx * (p11 - p01));
             row_grad_dx[out_x] = v * ((1 - s.ly) * (p01 - p00) + s.ly * (p11 - p10));
           }

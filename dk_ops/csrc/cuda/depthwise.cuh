@@ -359,7 +359,8 @@ inline void backward(const DepthwiseOperands& t, const at::Tensor& grad_output,
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         if (grads.kernel_offset.defined()) {
-          DK_LAUNCH(kernel_offset_grad_kernel<scalar_t>, blocks_for(grads.kernel_offset.numel() / 2),
+          DK_LAUNCH(kernel_offset_grad_kernel<scalar_t>,
+                    blocks_for(d.batch * d.kernel_groups * d.taps * d.positions),
                     kThreadsPerBlock, stream)(view, go, grads.kernel_offset.data_ptr<scalar_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
@@ -367,7 +368,8 @@ inline void backward(const DepthwiseOperands& t, const at::Tensor& grad_output,
           DK_LAUNCH(data_offset_and_mask_grad_kernel<scalar_t>,
                     blocks_for(d.batch * d.deform_groups * d.taps * d.positions),
                     kThreadsPerBlock, stream)(
-              view, go, grads.data_offset.defined() ? grads.data_offset.data_ptr<scalar_t>() : nullptr,
+              view, go,
+              grads.data_offset.defined() ? grads.data_offset.data_ptr<scalar_t>() : nullptr,
               grads.mask.defined() ? grads.mask.data_ptr<scalar_t>() : nullptr);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
