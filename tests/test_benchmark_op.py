@@ -77,3 +77,20 @@ def test_an_unknown_case_is_refused_with_the_known_ones(monkeypatch, capsys):
     error = capsys.readouterr().err
     assert "--cases ['DK global']: no such case" in error
     assert "'DK global, scope 4'" in error
+
+
+def test_depthwise_cases_get_a_row_per_shape_with_their_ratios(monkeypatch):
+    monkeypatch.delenv('DK_OPS_LOCAL_KERNELS', raising=False)
+    lines = run(monkeypatch, '--depthwise', '--shrink', '8', '--repeats', '1')
+    rows = [[cell.strip() for cell in line.strip('|').split('|')] for line in lines
+            if line.startswith('| (2, ')]
+    shapes = [f'(2, {channels // 8}, {size // 8}, {size // 8}) k{kernel} scope {scope}'
+              for channels, size, kernel, scope in benchmark_op.DEPTHWISE_SHAPES]
+    names = ['F.conv2d', 'DK, one offset set', 'DK, one offset set per channel',
+             'DK, one offset set, scope columns']
+    assert [(row[0], row[1]) for row in rows] == [(shape, name) for shape in shapes
+                                                  for name in names]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0, row
+    assert {row[3] for row in rows if row[1] == 'F.conv2d'} == {'1.00'}
+    assert 'DK_OPS_LOCAL_KERNELS' not in os.environ

@@ -183,7 +183,8 @@ def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 class EveryLayerType(nn.Module):
-    """Local DK, global DK, DK + DCN and DK + DCNv2 side by side, with varied geometry."""
+    """Local DK, global DK, DK + DCN, DK + DCNv2 and depthwise local DK side by side, with
+    varied geometry."""
 
     def __init__(self):
         super().__init__()
@@ -193,9 +194,10 @@ class EveryLayerType(nn.Module):
         self.dcn = dk_ops.DeformKernelConv2d(8, 4, 3, padding=2, dilation=2, deform_groups=2)
         self.dcnv2 = dk_ops.DeformKernelConv2d(8, 8, 3, padding=1, groups=2,
                                                kernel_offset_groups=2, modulated=True)
+        self.depthwise = dk_ops.DeformKernel2d(8, 8, 5, padding=2, groups=8, scope_size=6)
 
     def forward(self, x):
-        return self.local(x), self.global_(x), self.dcn(x), self.dcnv2(x)
+        return self.local(x), self.global_(x), self.dcn(x), self.dcnv2(x), self.depthwise(x)
 
 
 def test_every_layer_type_with_dynamic_batch_and_size():
@@ -214,7 +216,7 @@ def test_every_layer_type_with_dynamic_batch_and_size():
         x = torch.randn(shape, generator=generator)
         with torch.no_grad():
             expected = module(x)
-        for name, got, want in zip(('local', 'global', 'dcn', 'dcnv2'),
+        for name, got, want in zip(('local', 'global', 'dcn', 'dcnv2', 'depthwise'),
                                    session.run(None, {'x': x.numpy()}), expected):
             assert got.shape == tuple(want.shape)
             assert_within_relative_tolerance(got, want, f'{name} at {shape}')
@@ -243,7 +245,7 @@ def test_every_layer_type_at_a_later_opset():
     assert_standard_onnx(model, 21)
     with torch.no_grad():
         expected = module(x)
-    for name, got, want in zip(('local', 'global', 'dcn', 'dcnv2'),
+    for name, got, want in zip(('local', 'global', 'dcn', 'dcnv2', 'depthwise'),
                                ort_session(model).run(None, {'x': x.numpy()}), expected):
         assert_within_relative_tolerance(got, want, name)
 

@@ -127,9 +127,39 @@ struct GlobalKernels {
                       at::Tensor& grad_kernel_offset);
 };
 
+// The direct path of depthwise convolutions (groups == C_in == C_out, local kernel offsets or
+// data offsets / a mask): no scope columns; each (location, tap, kernel offset group) samples
+// its scope once and applies it to the group's channels (depthwise.h has the math). The tensors
+// as the driver hands them to the device's kernels, all contiguous:
+struct DepthwiseOperands {
+  DeformKernelGeometry g;
+  at::Tensor input;          // (N, C, H, W)
+  at::Tensor scope;          // (C, S): the weight
+  at::Tensor kernel_offset;  // (N, 2*Gk*taps, H_out, W_out): global offsets broadcast
+  at::Tensor data_offset;    // (N, 2*Gd*taps, H_out, W_out), or undefined (rigid data grid)
+  at::Tensor mask;           // (N, Gd*taps, H_out, W_out), or undefined
+};
+
+// The depthwise path's gradients, in the layouts of DepthwiseOperands; an undefined tensor is
+// not wanted. input and scope are in the sum dtype (float32 for half / bfloat16); input arrives
+// zeroed, every other one is written whole.
+struct DepthwiseGradients {
+  at::Tensor input, scope, kernel_offset, data_offset, mask;
+};
+
+// Null where the device has no depthwise path (the driver then takes the scope columns).
+struct DepthwiseKernels {
+  // output (N, C, H_out, W_out) = the op's output without the bias.
+  void (*forward)(const DepthwiseOperands& t, at::Tensor& output) = nullptr;
+  // grad_output (N, C, H_out, W_out).
+  void (*backward)(const DepthwiseOperands& t, const at::Tensor& grad_output,
+                   DepthwiseGradients& grads) = nullptr;
+};
+
 struct DeviceKernels {
   ColumnKernels local;
   GlobalKernels global;
+  DepthwiseKernels depthwise;
   // Whether the kernels take half and bfloat16 (summing in float32), as the CUDA ones do, also
   // when emulated; the driver runs the others on float32 copies.
   bool takes_half_and_bfloat16;

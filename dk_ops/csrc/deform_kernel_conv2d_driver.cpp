@@ -13,6 +13,9 @@
 //   implicit GEMM   opt-in (DriverSettings), where the device has them (CUDA): the forward's
 //                   output and the backward's weight gradient without Z in memory; the other
 //                   gradients as on the columns
+//   depthwise       groups == C_in == C_out, where the device has its kernels: no columns; each
+//                   (location, tap, offset group) samples its scope once for the group's channels
+//                   (depthwise.h), one device function for the forward, one for the backward
 //   columns         the default local path, per chunk of columns (deform_kernel_conv2d.h), per
 //                   group:
 //       forward   out[cols]  = Z @ W'^T          W' = weight as (C_out, S*C_in/g)
@@ -45,8 +48,10 @@ using OptionalTensor = std::optional<Tensor>;
 // The driver's switches, read from the environment once per call (read_settings), so that a
 // benchmark or a test can change them between calls; a bad value raises whatever the strategy.
 struct DriverSettings {
-  // DK_OPS_LOCAL_KERNELS: "columns" (or unset) for the scope columns, "implicit_gemm" for the
-  // device's implicit GEMMs where it has them (CUDA; no GPU has timed them: docs/gpu.md).
+  // DK_OPS_LOCAL_KERNELS: unset for the op's choice, "columns" for the scope columns also where
+  // the depthwise path would run, "implicit_gemm" for the device's implicit GEMMs where it has
+  // them (CUDA; no GPU has timed them: docs/gpu.md).
+  bool columns = false;
   bool implicit_gemm = false;
   // DK_OPS_MAX_COLUMN_BYTES, a positive integer: the bytes of one chunk of scope columns, in place
   // of the default chunking; it also cuts the implicit GEMMs' columns into chunks (the tests do,
@@ -56,12 +61,12 @@ struct DriverSettings {
 
 DriverSettings read_settings() {
   DriverSettings settings;
-  if (const char* env = std::getenv("DK_OPS_LOCAL_KERNELS");
-      env != nullptr && *env != '\0' && std::string_view(env) != "columns") {
-    TORCH_CHECK_VALUE(std::string_view(env) == "implicit_gemm",
+  if (const char* env = std::getenv("DK_OPS_LOCAL_KERNELS"); env != nullptr && *env != '\0') {
+    settings.columns = std::string_view(env) == "columns";
+    settings.implicit_gemm = std::string_view(env) == "implicit_gemm";
+    TORCH_CHECK_VALUE(settings.columns || settings.implicit_gemm,
                       "DK_OPS_LOCAL_KERNELS must be 'columns' or 'implicit_gemm' (or unset), got '",
                       env, "'");
-    settings.implicit_gemm = true;
   }
   if (const char* env = std::getenv("DK_OPS_MAX_COLUMN_BYTES"); env != nullptr && *env != '\0') {
     char* end = nullptr;
@@ -79,7 +84,7 @@ struct Operands {
   OptionalTensor data_offset, mask, bias;
 };
 
-enum class Strategy { kBiasOnly, kFloat32Copies, kGlobal, kImplicitGemm, kColumns };
+enum class Strategy { kBiasOnly, kFloat32Copies, kGlobal, kImplicitGemm, kDepthwise, kColumns };
 enum class Pass { kForward, kBackward };
 
 bool is_reduced_precision(const Tensor& t) {
@@ -97,6 +102,10 @@ Strategy select_strategy(const DeviceKernels& kernels, const DriverSettings& set
                                             ? kernels.local.implicit_gemm_forward != nullptr
                                             : kernels.local.implicit_gemm_weight_grad != nullptr;
   if (settings.implicit_gemm && device_has_implicit_gemm) return Strategy::kImplicitGemm;
+  const bool depthwise = g.groups == g.in_channels && g.out_channels == g.in_channels;
+  if (depthwise && !settings.columns && kernels.depthwise.forward != nullptr) {
+    return Strategy::kDepthwise;
+  }
   return Strategy::kColumns;
 }
 
@@ -553,6 +562,62 @@ Gradients backward_implicit_gemm(const ColumnKernels& kernels, const DriverSetti
   });
 }
 
+// ------------------------------------------------------------------ depthwise
+
+// The operands in the depthwise kernels' layouts; global offsets broadcast to every location.
+DepthwiseOperands depthwise_operands(const DeformKernelGeometry& g, const Operands& t) {
+  const Tensor local_offset =
+      g.global_kernel_offset
+          ? t.kernel_offset.view({g.batch, -1, 1, 1}).expand({-1, -1, g.out_h, g.out_w})
+          : t.kernel_offset;
+  auto contiguous_or_undefined = [](const OptionalTensor& o) {
+    return o ? o->contiguous() : Tensor();
+  };
+  return {g,
+          t.input.contiguous(),
+          t.weight.reshape({g.in_channels, g.scope_cells()}).contiguous(),
+          local_offset.contiguous(),
+          contiguous_or_undefined(t.data_offset),
+          contiguous_or_undefined(t.mask)};
+}
+
+Tensor forward_depthwise(const DepthwiseKernels& kernels, const DeformKernelGeometry& g,
+                         const Operands& t) {
+  const auto operands = depthwise_operands(g, t);
+  auto output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, t.input.options());
+  RECORD_FUNCTION("dk_ops::depthwise_forward", std::vector<c10::IValue>());
+  kernels.forward(operands, output);
+  if (t.bias) output.add_(t.bias->view({1, -1, 1, 1}));
+  return output;
+}
+
+Gradients backward_depthwise(const DepthwiseKernels& kernels, const DeformKernelGeometry& g,
+                             const Operands& t, const Tensor& grad_output,
+                             const WantedGradients& wanted) {
+  const auto operands = depthwise_operands(g, t);
+  const auto sum_options = t.input.options().dtype(sum_dtype(t.input));
+  DepthwiseGradients grads;
+  if (wanted.input) grads.input = at::zeros_like(operands.input, sum_options);
+  if (wanted.weight) grads.scope = at::empty_like(operands.scope, sum_options);
+  if (wanted.kernel_offset) grads.kernel_offset = at::empty_like(operands.kernel_offset);
+  if (wanted.data_offset) grads.data_offset = at::empty_like(operands.data_offset);
+  if (wanted.mask) grads.mask = at::empty_like(operands.mask);
+  {
+    RECORD_FUNCTION("dk_ops::depthwise_backward", std::vector<c10::IValue>());
+    kernels.backward(operands, grad_output.contiguous(), grads);
+  }
+  const auto dtype = t.input.scalar_type();
+  std::array<Tensor, 5> results;
+  if (wanted.input) results[0] = grads.input.to(dtype);  // no-ops unless summed in float32
+  if (wanted.weight) results[1] = grads.scope.view(t.weight.sizes()).to(dtype);
+  if (wanted.kernel_offset) {
+    results[2] = g.global_kernel_offset ? grads.kernel_offset.sum({2, 3}) : grads.kernel_offset;
+  }
+  results[3] = grads.data_offset;
+  results[4] = grads.mask;
+  return op_results(t, wanted, results);
+}
+
 // ------------------------------------------------------------------ one strategy per call
 
 Tensor run_forward(const DeviceKernels& kernels, const DriverSettings& settings,
@@ -566,6 +631,8 @@ Tensor run_forward(const DeviceKernels& kernels, const DriverSettings& settings,
       return forward_global(kernels.global, g, t);
     case Strategy::kImplicitGemm:
       return forward_implicit_gemm(kernels.local, settings, g, t);
+    case Strategy::kDepthwise:
+      return forward_depthwise(kernels.depthwise, g, t);
     case Strategy::kColumns:
       return forward_columns(kernels.local, settings, g, t);
   }
@@ -584,6 +651,8 @@ Gradients run_backward(const DeviceKernels& kernels, const DriverSettings& setti
       return backward_global(kernels.global, g, t, grad_output, wanted);
     case Strategy::kImplicitGemm:
       return backward_implicit_gemm(kernels.local, settings, g, t, grad_output, wanted);
+    case Strategy::kDepthwise:
+      return backward_depthwise(kernels.depthwise, g, t, grad_output, wanted);
     case Strategy::kColumns:
       return backward_columns(kernels.local, settings, g, t, grad_output, wanted);
   }

@@ -13,6 +13,7 @@ and the ratios stay fair:
     python tools/analysis_tools/benchmark_op.py --device cuda --dtype float16 --batch 8
     python tools/analysis_tools/benchmark_op.py --shrink 8 --repeats 1   # a quick check on a CPU
     python tools/analysis_tools/benchmark_op.py --cases 'DK global, scope 4' --batch 8
+    python tools/analysis_tools/benchmark_op.py --depthwise [--device cuda]
 
 --cases times only the named cases (and F.conv2d, the baseline of every ratio).
 --column-mib 64 256 adds local DK scope 4 with those column buffers (DK_OPS_MAX_COLUMN_BYTES) to
@@ -20,6 +21,10 @@ the cases: the op's default on a GPU is ceil(S / taps) chunks of the batch, unti
 On CUDA it also times the opt-in implicit GEMMs of local DK (DK_OPS_LOCAL_KERNELS=implicit_gemm,
 docs/gpu.md) in the rows marked "implicit GEMM": the forward and the weight gradient without the
 scope columns, the other gradients as in the rows above them.
+--depthwise times depthwise convs (groups = C) instead, against the depthwise F.conv2d: the
+shapes of docs/speed.md's depthwise section (DEPTHWISE_SHAPES), with one kernel offset set for
+all channels and one per channel, and the first also on the scope columns
+(DK_OPS_LOCAL_KERNELS=columns), the path the op takes for grouped convs.
 """
 import argparse
 import contextlib
@@ -34,6 +39,11 @@ import dk_ops
 
 # (channels, spatial size) of the ResNet-50 stages at 800 px
 STAGES = {'c3': (128, 100), 'c4': (256, 50), 'c5': (512, 25)}
+# Depthwise convs (channels, spatial size, kernel, scope): the issue's four, then the 5x5
+# depthwise convs of RTMDet-tiny's CSPNeXt blocks at a 640 px input (their channels are half the
+# stage's: 48/96/192/384).
+DEPTHWISE_SHAPES = [(96, 56, 3, 4), (256, 28, 3, 4), (128, 32, 5, 6), (256, 16, 7, 8),
+                    (24, 160, 5, 6), (48, 80, 5, 6), (96, 40, 5, 6), (192, 20, 5, 6)]
 # The GPU targets (docs/gpu.md#targets): forward+backward time at most this many times F.conv2d's; and a
 # workspace no larger than torchvision's deform_conv2d's.
 TIME_TARGETS = {'DK local, scope 3': 1.5, 'DK local, scope 4': 2.0, 'DK global, scope 4': 1.3,
@@ -135,6 +145,29 @@ def cases(channels, size, batch, device, dtype, column_mib=()):
     yield from dcn_baselines(x, rigid, offsets(1.0), device, dtype)
 
 
+def depthwise_cases(channels, size, kernel, scope, batch, device, dtype):
+    """(name, step) pairs of a depthwise conv, F.conv2d's first."""
+    make = dict(device=device, dtype=dtype)
+    x = leaf(torch.randn(batch, channels, size, size, **make))
+    padding = kernel // 2
+
+    def dk(kernel_offset_groups, env=None):
+        weight = leaf(torch.randn(channels, 1, scope, scope, **make) * 0.1)
+        offset = leaf(0.3 * torch.randn(batch, 2 * kernel_offset_groups * kernel * kernel, size,
+                                        size, **make))
+        return ForwardBackward(
+            lambda x, w, ko: dk_ops.deform_kernel_conv2d(
+                x, w, ko, kernel_size=kernel, padding=padding, groups=channels,
+                kernel_offset_groups=kernel_offset_groups), x, weight, offset, env=env)
+
+    rigid = leaf(torch.randn(channels, 1, kernel, kernel, **make) * 0.1)
+    yield 'F.conv2d', ForwardBackward(
+        lambda x, w: F.conv2d(x, w, padding=padding, groups=channels), x, rigid)
+    yield 'DK, one offset set', dk(1)
+    yield 'DK, one offset set per channel', dk(channels)
+    yield 'DK, one offset set, scope columns', dk(1, env={'DK_OPS_LOCAL_KERNELS': 'columns'})
+
+
 def dcn_baselines(x, weight, data_offset, device, dtype):
     """DCN of other libraries on the same input: what DK+DCN costs beside plain DCN."""
     try:
@@ -172,14 +205,18 @@ def main():
                         help='also time local DK scope 4 with column buffers of these sizes')
     parser.add_argument('--cases', nargs='+', metavar='NAME',
                         help='time only these cases besides F.conv2d, e.g. "DK global, scope 4"')
+    parser.add_argument('--depthwise', action='store_true',
+                        help='time depthwise convs (DEPTHWISE_SHAPES) instead of the stages')
     parser.add_argument('--shrink', type=int, default=1,
                         help='divide the channels and the size of each stage by this')
     args = parser.parse_args()
     if args.shrink < 1:
         parser.error(f'--shrink {args.shrink} must be at least 1')
-    shapes = [(channels // args.shrink, size // args.shrink)
-              for channels, size in (STAGES[stage] for stage in args.stages)]
-    if min(min(shape) for shape in shapes) < 1:
+    shapes = ([(channels // args.shrink, size // args.shrink, kernel, scope)
+               for channels, size, kernel, scope in DEPTHWISE_SHAPES] if args.depthwise else
+              [(channels // args.shrink, size // args.shrink, 3, None)
+               for channels, size in (STAGES[stage] for stage in args.stages)])
+    if min(min(shape[:2]) for shape in shapes) < 1:
         parser.error(f'--shrink {args.shrink} leaves a stage of {args.stages} without channels '
                      f'or pixels: (channels, size) {shapes}')
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -192,8 +229,15 @@ def main():
           f' torch={torch.__version__}')
     print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d | workspace MiB | targets |')
     print('|---|---|---|---|---|---|')
-    for channels, size in shapes:
-        named_steps = list(cases(channels, size, args.batch, device, dtype, args.column_mib))
+    for channels, size, kernel, scope in shapes:
+        if args.depthwise:
+            named_steps = list(depthwise_cases(channels, size, kernel, scope, args.batch, device,
+                                               dtype))
+            label = f'({args.batch}, {channels}, {size}, {size}) k{kernel} scope {scope}'
+        else:
+            named_steps = list(cases(channels, size, args.batch, device, dtype, args.column_mib))
+            label = f'({args.batch}, {channels}, {size}, {size})'
+
         if args.cases:
             unknown = set(args.cases) - {name for name, _ in named_steps}
             if unknown:
@@ -207,7 +251,7 @@ def main():
                           if device.type == 'cuda' else {})
         for name, time_ in zip(names, seconds):
             ratio = time_ / seconds[0]
-            print(f'| ({args.batch}, {channels}, {size}, {size}) | {name} | '
+            print(f'| {label} | {name} | '
                   f'{time_ * 1e3:.1f} | {ratio:.2f} | '
                   f'{f"{workspaces[name]:.1f}" if workspaces else "-"} | '
                   f'{targets(name, ratio, workspaces)} |', flush=True)

@@ -16,6 +16,8 @@
 #include "../deform_kernel_conv2d.h"
 #include "../global_kernel.h"
 #include "../sampling.h"
+#include "depthwise_cpu.h"
+#include "vector_clones.h"
 
 namespace dk_ops {
 namespace {
@@ -156,15 +158,7 @@ struct Sampler {
   int64_t z_offset(const ChannelRun& run, int64_t cell) const { return run.z_begin + cell * z_cell; }
 };
 
-// The loops over columns below are compiled for x86-64-v3 (AVX2, FMA) as well as for the baseline
-// x86-64 ISA; the loader picks the clone the CPU runs (GCC function multiversioning), so one
-// build is fast on current CPUs and still runs on old ones. Everything they call is inlined
-// into the clone: the channel loops vectorise with FMA and floor() becomes one instruction.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DK_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DK_VECTOR_CLONES
-#endif
+// The loops over columns below are DK_VECTOR_CLONES (vector_clones.h).
 
 // y += a * x
 template <typename T>
@@ -701,6 +695,7 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
 constexpr DeviceKernels kCpuKernels{
     {scatter_scope_columns, gather_input_grad, offset_and_mask_grads},
     {sample_global_filters, global_weight_grad, global_offset_grad},
+    {depthwise_forward_cpu, depthwise_backward_cpu},
     /*takes_half_and_bfloat16=*/false};
 
 at::Tensor forward_cpu(const Tensor& input, const Tensor& weight, const Tensor& kernel_offset,

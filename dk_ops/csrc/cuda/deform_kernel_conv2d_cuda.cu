@@ -13,6 +13,7 @@
 //                       (one writer per gradient entry, deterministic)
 //   implicit GEMM       opt-in forward and weight gradient (implicit_gemm.cuh): a block per
 //                       tile of the product, sampling its Z tiles into shared memory
+//   depthwise           the direct path of depthwise convs (depthwise.cuh)
 // half and bfloat16 are read and written as such; every sum runs in float32 (opmath).
 // launch.cuh has the launches and the threads' indices, column_view.cuh the chunk as the kernels
 // see it. The tests also run this file on a CPU, as emulated CUDA (../emulated_cuda/).
@@ -29,6 +30,7 @@
 #include "../global_kernel.h"
 #include "../sampling.h"
 #include "column_view.cuh"
+#include "depthwise.cuh"
 #include "float32_products.cuh"
 #include "implicit_gemm.cuh"
 #include "launch.cuh"
@@ -478,6 +480,7 @@ constexpr DeviceKernels kCudaKernels{
     {scatter_scope_columns, gather_input_grad, offset_and_mask_grads, implicit_gemm::forward,
      implicit_gemm::weight_grad, ColumnChunking::kFewPerBatch, float32_product},
     {sample_global_filters, global_weight_grad, global_offset_grad},
+    {depthwise::forward, depthwise::backward},
     /*takes_half_and_bfloat16=*/true};
 
 // The kernels run on the input's GPU (mixed devices are refused by the driver's checks).

@@ -1,0 +1,12 @@
+// DK_VECTOR_CLONES: a CPU loop compiled for x86-64-v3 (AVX2, FMA) as well as for the baseline
+// x86-64 ISA; the loader picks the clone the CPU runs (GCC function multiversioning), so one
+// build is fast on current CPUs and still runs on old ones. Everything such a function calls is
+// inlined into the clone: its channel loops vectorise with FMA and floor() becomes one
+// instruction.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DK_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DK_VECTOR_CLONES
+#endif
