@@ -153,7 +153,7 @@ inline Schedule schedule_from_environment() {
 
 // The launch lock, and what it guards: the schedule and the number of launches since it was set.
 inline std::mutex launch_lock;
-inline uint64_t launch_count = 0;
+inline uint64_t launches_since_schedule = 0;
 
 inline Schedule& active_schedule() {
   static Schedule schedule = schedule_from_environment();  // raises again until it can be read
@@ -166,7 +166,7 @@ inline void set_schedule(const Schedule& next) {
                     "emulated CUDA: max_blocks must be 0 (no cap) or more, got ", next.max_blocks);
   const std::lock_guard lock(launch_lock);
   active_schedule() = next;
-  launch_count = 0;
+  launches_since_schedule = 0;
 }
 
 inline Schedule current_schedule() {
@@ -395,7 +395,7 @@ inline void run_grid(int64_t blocks, int threads_per_block, const std::function<
               "emulated CUDA: launch of ", blocks, " blocks of ", threads_per_block,
               " threads; whole warps only, at most ", kMaxThreadsPerBlock, " threads");
   const std::lock_guard lock(launch_lock);
-  const uint64_t launch = launch_count++;
+  const uint64_t launch = launches_since_schedule++;
   const Schedule& schedule = active_schedule();
   if (schedule.max_blocks > 0) blocks = std::min(blocks, schedule.max_blocks);
   gridDim = {static_cast<unsigned int>(blocks), 1, 1};
