@@ -94,3 +94,12 @@ def test_depthwise_cases_get_a_row_per_shape_with_their_ratios(monkeypatch):
         assert float(row[2]) > 0 and float(row[3]) > 0, row
     assert {row[3] for row in rows if row[1] == 'F.conv2d'} == {'1.00'}
     assert 'DK_OPS_LOCAL_KERNELS' not in os.environ
+
+
+def test_fused_cases_are_compared_with_the_columns_path_they_replace():
+    seconds = {'F.conv2d': 1.0, 'DK local, scope 4': 3.0, 'DK local, scope 4, fused': 2.4,
+               'DK+DCN, scope 4': 3.0, 'DK+DCN, scope 4, fused': 3.3,
+               'DK local, scope 4, implicit GEMM': 9.0}
+    assert benchmark_op.fused_against_columns('(2, 128, 100, 100)', seconds) == [
+        '(2, 128, 100, 100) DK local, scope 4: fused / columns = 0.80, fused wins',
+        '(2, 128, 100, 100) DK+DCN, scope 4: fused / columns = 1.10, columns wins']

@@ -168,7 +168,8 @@ run('columns, data offsets and mask', {'DK_OPS_LOCAL_KERNELS': 'columns'}, defor
 run('implicit GEMM, data offsets and mask', {'DK_OPS_LOCAL_KERNELS': 'implicit_gemm'},
     deformed=True)
 run('global', {}, global_offset=True)
-# The fused path: its switch and one problem go here, as run('fused, ...', {...its switch...}).
+if device == 'cuda':  # the fused path's switch reaches CUDA tensors only
+    run('fused, data offsets and mask', {'DK_OPS_CUDA_PATH': 'fused'}, deformed=True)
 EOF
 )
 

@@ -28,6 +28,7 @@ all channels and one per channel, and the first also on the scope columns
 """
 import argparse
 import contextlib
+import importlib.util
 import os
 import statistics
 import time
@@ -142,6 +143,12 @@ def cases(channels, size, batch, device, dtype, column_mib=()):
         yield 'DK local, scope 4, implicit GEMM', dk(4, offsets(0.3), env=implicit_gemm)
         yield 'DK+DCN, scope 4, implicit GEMM', dk(4, offsets(0.3), env=implicit_gemm,
                                                   data_offset=offsets(1.0))
+        if importlib.util.find_spec('triton') is not None:  # the fused path (DK_OPS_CUDA_PATH)
+            fused = {'DK_OPS_CUDA_PATH': 'fused'}
+            yield 'DK local, scope 3, fused', dk(3, offsets(0.3), env=fused)
+            yield 'DK local, scope 4, fused', dk(4, offsets(0.3), env=fused)
+            yield 'DK+DCN, scope 4, fused', dk(4, offsets(0.3), env=fused,
+                                               data_offset=offsets(1.0))
     yield from dcn_baselines(x, rigid, offsets(1.0), device, dtype)
 
 
@@ -227,6 +234,7 @@ def main():
              if device.type == 'cuda' else f'threads={torch.get_num_threads()}')
     print(f'device={device} ({where}) dtype={args.dtype} batch={args.batch}'
           f' torch={torch.__version__}')
+    winners = []
     print('| shape (N, C, H, W) | op | fwd+bwd ms | x F.conv2d | workspace MiB | targets |')
     print('|---|---|---|---|---|---|')
     for channels, size, kernel, scope in shapes:
@@ -255,9 +263,25 @@ def main():
                   f'{time_ * 1e3:.1f} | {ratio:.2f} | '
                   f'{f"{workspaces[name]:.1f}" if workspaces else "-"} | '
                   f'{targets(name, ratio, workspaces)} |', flush=True)
+        winners.extend(fused_against_columns(label, dict(zip(names, seconds))))
+    for line in winners:
+        print(line)
     if device.type != 'cuda':
         print('The workspace is measured on CUDA only (torch.cuda.max_memory_allocated), and the '
               'targets are judged there.')
+
+
+def fused_against_columns(label, seconds):
+    """A line per case timed both ways: the fused path's time over the compiled op's (the
+    columns path, the default), and which one wins."""
+    lines = []
+    for name, fused in seconds.items():
+        if name.endswith(', fused') and name[:-len(', fused')] in seconds:
+            columns = seconds[name[:-len(', fused')]]
+            winner = 'fused' if fused < columns else 'columns'
+            lines.append(f'{label} {name[:-len(", fused")]}: fused / columns = '
+                         f'{fused / columns:.2f}, {winner} wins')
+    return lines
 
 
 def targets(name, ratio, workspaces):
