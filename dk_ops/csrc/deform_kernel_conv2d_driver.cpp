@@ -10,6 +10,9 @@
 //                   convolution, and one device kernel each takes the filters' gradient back to
 //                   the scope and to the offsets: a handful of launches, whatever the batch and
 //                   the groups
+//   global, per image   the same, but one convolution per image, each image on one host thread
+//                   (the CPU's kernels, with at least as many images as threads:
+//                   convolves_image_by_image)
 //   implicit GEMM   opt-in (DriverSettings), where the device has them (CUDA): the forward's
 //                   output and the backward's weight gradient without Z in memory; the other
 //                   gradients as on the columns
@@ -24,6 +27,7 @@
 // Another way to compute the local path (tensor cores, say) is one more Strategy, chosen in
 // select_strategy, with its forward and backward functions.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
@@ -78,8 +82,26 @@ struct Operands {
   OptionalTensor data_offset, mask, bias;
 };
 
-enum class Strategy { kBiasOnly, kFloat32Copies, kGlobal, kImplicitGemm, kColumns };
+enum class Strategy {
+  kBiasOnly,
+  kFloat32Copies,
+  kGlobal,
+  kGlobalPerImage,
+  kImplicitGemm,
+  kColumns
+};
 enum class Pass { kForward, kBackward };
+
+// The global path's one shape rule: one convolution per image, each on one host thread, where
+// the device kernels run images so (the CPU's) and the batch has an image for every thread;
+// otherwise the batch as one grouped convolution (a GPU's: one launch). On the 2-core EPYC,
+// forward + backward, oneDNN's convolutions of one image on one thread each outran its grouped
+// convolution of the batch on both threads at every ResNet stage (docs/speed.md); with fewer
+// images than threads, threads would idle.
+bool convolves_image_by_image(const DeviceKernels& kernels, const DeformKernelGeometry& g) {
+  return kernels.global.for_each_image_on_one_thread != nullptr &&
+         g.batch >= at::get_num_threads();
+}
 
 bool is_reduced_precision(const Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
@@ -91,7 +113,9 @@ Strategy select_strategy(const DeviceKernels& kernels, const DriverSettings& set
   if (is_reduced_precision(t.input) && !kernels.takes_half_and_bfloat16) {
     return Strategy::kFloat32Copies;
   }
-  if (g.global_kernel_offset && !t.data_offset && !t.mask) return Strategy::kGlobal;
+  if (g.global_kernel_offset && !t.data_offset && !t.mask) {
+    return convolves_image_by_image(kernels, g) ? Strategy::kGlobalPerImage : Strategy::kGlobal;
+  }
   const bool device_has_implicit_gemm = pass == Pass::kForward
                                             ? kernels.local.implicit_gemm_forward != nullptr
                                             : kernels.local.implicit_gemm_weight_grad != nullptr;
@@ -238,6 +262,42 @@ Tensor global_filters(const GlobalKernels& kernels, const DeformKernelGeometry& 
   return filters;
 }
 
+// The convolution of the op's geometry with `groups` groups, and its backward.
+Tensor convolve(const DeformKernelGeometry& g, const Tensor& input, const Tensor& filters,
+                const OptionalTensor& bias, int64_t groups) {
+  return at::convolution(input, filters, bias, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w},
+                         {g.dilation_h, g.dilation_w}, false, {0, 0}, groups);
+}
+std::tuple<Tensor, Tensor, Tensor> convolve_backward(const DeformKernelGeometry& g,
+                                                     const Tensor& grad_output,
+                                                     const Tensor& input, const Tensor& filters,
+                                                     int64_t groups, bool input_grad,
+                                                     bool filters_grad) {
+  return at::convolution_backward(grad_output, input, filters, std::nullopt,
+                                  {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w},
+                                  {g.dilation_h, g.dilation_w}, false, {0, 0}, groups,
+                                  {input_grad, filters_grad, false});
+}
+
+// The filters' gradient taken back to the scope and to the offsets, one device kernel each.
+void scope_and_offset_grads(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                            const Tensor& weight, const Tensor& kernel_offset,
+                            const Tensor& grad_filters, const WantedGradients& wanted,
+                            std::array<Tensor, 5>& grads) {
+  if (wanted.weight) {
+    grads[1] = at::empty_like(weight);
+    RECORD_FUNCTION("dk_ops::global_weight_grad", std::vector<c10::IValue>());
+    kernels.weight_grad(g, grad_filters, kernel_offset, grads[1]);
+  }
+  if (wanted.kernel_offset) {
+    grads[2] = at::empty_like(kernel_offset);
+    RECORD_FUNCTION("dk_ops::global_offset_grad", std::vector<c10::IValue>());
+    kernels.offset_grad(g, grad_filters, weight, kernel_offset, grads[2]);
+  }
+}
+
+// --- the batch as one grouped convolution
+
 // The batch as one image of N * C channels.
 Tensor batch_as_channels(const Tensor& t) {
   return t.reshape({1, t.size(0) * t.size(1), t.size(2), t.size(3)});
@@ -250,37 +310,71 @@ Tensor forward_global(const GlobalKernels& kernels, const DeformKernelGeometry& 
                                       t.kernel_offset.contiguous());
   const auto bias = contiguous(t.bias);
   const OptionalTensor batch_bias = bias ? OptionalTensor(bias->repeat({g.batch})) : std::nullopt;
-  return at::convolution(batch_as_channels(input), filters, batch_bias, {g.stride_h, g.stride_w},
-                         {g.pad_h, g.pad_w}, {g.dilation_h, g.dilation_w}, false, {0, 0},
-                         g.batch * g.groups)
+  return convolve(g, batch_as_channels(input), filters, batch_bias, g.batch * g.groups)
       .view({g.batch, g.out_channels, g.out_h, g.out_w});
 }
 
-// The convolution's backward gives the input's and the filters' gradients; one device kernel
-// takes the filters' gradient back to the scope, another to the offsets.
+// The convolution's backward gives the input's and the filters' gradients.
 Gradients backward_global(const GlobalKernels& kernels, const DeformKernelGeometry& g,
                           const Operands& t, const Tensor& grad_output,
                           const WantedGradients& wanted) {
   const auto input = t.input.contiguous(), weight = t.weight.contiguous();
   const auto kernel_offset = t.kernel_offset.contiguous();
   const bool need_filters = wanted.weight || wanted.kernel_offset;
-  auto [grad_batch_input, grad_filters, unused_grad_bias] = at::convolution_backward(
-      batch_as_channels(grad_output.contiguous()), batch_as_channels(input),
-      global_filters(kernels, g, weight, kernel_offset), std::nullopt, {g.stride_h, g.stride_w},
-      {g.pad_h, g.pad_w}, {g.dilation_h, g.dilation_w}, false, {0, 0}, g.batch * g.groups,
-      {wanted.input, need_filters, false});
+  auto [grad_batch_input, grad_filters, unused_grad_bias] = convolve_backward(
+      g, batch_as_channels(grad_output.contiguous()), batch_as_channels(input),
+      global_filters(kernels, g, weight, kernel_offset), g.batch * g.groups, wanted.input,
+      need_filters);
   std::array<Tensor, 5> grads;
   if (wanted.input) grads[0] = grad_batch_input.view_as(input);
-  if (need_filters) grad_filters = grad_filters.contiguous();
-  if (wanted.weight) {
-    grads[1] = at::empty_like(weight);
-    RECORD_FUNCTION("dk_ops::global_weight_grad", std::vector<c10::IValue>());
-    kernels.weight_grad(g, grad_filters, kernel_offset, grads[1]);
+  if (need_filters) {
+    scope_and_offset_grads(kernels, g, weight, kernel_offset, grad_filters.contiguous(), wanted,
+                           grads);
   }
-  if (wanted.kernel_offset) {
-    grads[2] = at::empty_like(kernel_offset);
-    RECORD_FUNCTION("dk_ops::global_offset_grad", std::vector<c10::IValue>());
-    kernels.offset_grad(g, grad_filters, weight, kernel_offset, grads[2]);
+  return op_results(t, wanted, grads);
+}
+
+// --- one convolution per image, each on one host thread
+
+// Image n's rows of the batch's filters or of their gradient.
+Tensor image_filters(const Tensor& filters, const DeformKernelGeometry& g, int64_t n) {
+  return filters.narrow(0, n * g.out_channels, g.out_channels);
+}
+
+Tensor forward_global_per_image(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                                const Operands& t) {
+  const auto input = t.input.contiguous();
+  const auto filters = global_filters(kernels, g, t.weight.contiguous(),
+                                      t.kernel_offset.contiguous());
+  const auto bias = contiguous(t.bias);
+  auto output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
+  kernels.for_each_image_on_one_thread(g.batch, [&](int64_t n) {
+    output.narrow(0, n, 1).copy_(
+        convolve(g, input.narrow(0, n, 1), image_filters(filters, g, n), bias, g.groups));
+  });
+  return output;
+}
+
+Gradients backward_global_per_image(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                                    const Operands& t, const Tensor& grad_output,
+                                    const WantedGradients& wanted) {
+  const auto input = t.input.contiguous(), weight = t.weight.contiguous();
+  const auto kernel_offset = t.kernel_offset.contiguous();
+  const auto grad_out = grad_output.contiguous();
+  const bool need_filters = wanted.weight || wanted.kernel_offset;
+  const auto filters = global_filters(kernels, g, weight, kernel_offset);
+  std::array<Tensor, 5> grads;
+  if (wanted.input) grads[0] = at::empty_like(input);
+  Tensor grad_filters = need_filters ? at::empty_like(filters) : Tensor();
+  kernels.for_each_image_on_one_thread(g.batch, [&](int64_t n) {
+    auto [grad_image, grad_image_filters, unused_grad_bias] =
+        convolve_backward(g, grad_out.narrow(0, n, 1), input.narrow(0, n, 1),
+                          image_filters(filters, g, n), g.groups, wanted.input, need_filters);
+    if (wanted.input) grads[0].narrow(0, n, 1).copy_(grad_image);
+    if (need_filters) image_filters(grad_filters, g, n).copy_(grad_image_filters);
+  });
+  if (need_filters) {
+    scope_and_offset_grads(kernels, g, weight, kernel_offset, grad_filters, wanted, grads);
   }
   return op_results(t, wanted, grads);
 }
@@ -538,6 +632,8 @@ Tensor run_forward(const DeviceKernels& kernels, const DriverSettings& settings,
       return forward_float32_copies(kernels, settings, g, t);
     case Strategy::kGlobal:
       return forward_global(kernels.global, g, t);
+    case Strategy::kGlobalPerImage:
+      return forward_global_per_image(kernels.global, g, t);
     case Strategy::kImplicitGemm:
       return forward_implicit_gemm(kernels.local, settings, g, t);
     case Strategy::kColumns:
@@ -556,6 +652,8 @@ Gradients run_backward(const DeviceKernels& kernels, const DriverSettings& setti
       return backward_float32_copies(kernels, settings, g, t, grad_output, wanted);
     case Strategy::kGlobal:
       return backward_global(kernels.global, g, t, grad_output, wanted);
+    case Strategy::kGlobalPerImage:
+      return backward_global_per_image(kernels.global, g, t, grad_output, wanted);
     case Strategy::kImplicitGemm:
       return backward_implicit_gemm(kernels.local, settings, g, t, grad_output, wanted);
     case Strategy::kColumns:

@@ -7,6 +7,8 @@
 // channels of an offset group as AXPYs and dot products over contiguous channels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -698,9 +700,37 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
   });
 }
 
+// OpenMP's thread count for the current task, set for the length of a scope and restored after
+// it: inside a parallel region the setting is the task's own.
+class OpenMpThreadsGuard {
+ public:
+  explicit OpenMpThreadsGuard(int threads) : previous_(omp_get_max_threads()) {
+    omp_set_num_threads(threads);
+  }
+  ~OpenMpThreadsGuard() { omp_set_num_threads(previous_); }
+  OpenMpThreadsGuard(const OpenMpThreadsGuard&) = delete;
+  OpenMpThreadsGuard& operator=(const OpenMpThreadsGuard&) = delete;
+
+ private:
+  int previous_;
+};
+
+// The images over at::parallel_for's threads, each thread with the caller's thread-local state
+// (the dispatch keys the op's kernel runs under, the profiler's) and an OpenMP thread count of
+// one: oneDNN plans a convolution for omp_get_max_threads() threads, and inside a parallel region
+// it gets one, so that a plan for more left parts of the weight gradient unwritten.
+void for_each_image_on_one_thread(int64_t batch, c10::function_ref<void(int64_t)> visit) {
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    const OpenMpThreadsGuard threads_guard(1);
+    for (int64_t n = begin; n < end; ++n) visit(n);
+  });
+}
+
 constexpr DeviceKernels kCpuKernels{
     {scatter_scope_columns, gather_input_grad, offset_and_mask_grads},
-    {sample_global_filters, global_weight_grad, global_offset_grad},
+    {sample_global_filters, global_weight_grad, global_offset_grad, for_each_image_on_one_thread},
     /*takes_half_and_bfloat16=*/false};
 
 at::Tensor forward_cpu(const Tensor& input, const Tensor& weight, const Tensor& kernel_offset,
