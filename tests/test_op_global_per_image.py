@@ -1,7 +1,8 @@
 """The two CPU formulations of global DK (one kernel offset per image): one convolution per image,
 each image on one host thread, where the batch has an image for every thread; otherwise the batch
 as one grouped convolution, as on a GPU. Each is checked against the float64 reference, forward
-and every gradient, and the thread count picks the formulation but not the per-image results."""
+and every gradient, and the thread count picks the formulation but not the per-image results;
+DK_OPS_GLOBAL_CONVOLUTION forces either."""
 import collections
 import contextlib
 import dataclasses
@@ -83,3 +84,28 @@ def test_large_images_get_their_whole_weight_gradient():
     assert convolutions == (2, 2)
     torch.testing.assert_close(per_image_output, grouped_output)
     assert_gradients_close(per_image, grouped)
+
+
+@pytest.mark.parametrize('formulation, thread_count, convolutions',
+                         [('grouped', 1, 1), ('per_image', 4, 3)])
+@by_name(problems_named('global_scope5_groups2_kgroups2'))
+def test_the_switch_forces_a_formulation(problem, formulation, thread_count, convolutions,
+                                         monkeypatch):
+    # DK_OPS_GLOBAL_CONVOLUTION, for benchmarks: each formulation where the rule picks the other.
+    problem = dataclasses.replace(problem, batch=3)
+    tensors = problem.make_inputs(torch.float64)
+    monkeypatch.setenv('DK_OPS_GLOBAL_CONVOLUTION', formulation)
+    output, gradients, counts = op_with_convolution_counts(problem, tensors, thread_count)
+    expected_output, expected = output_and_gradients(problem, deform_kernel_conv2d_reference,
+                                                     tensors)
+    assert counts == (convolutions, ) * 2
+    torch.testing.assert_close(output, expected_output, **TOLERANCE[torch.float64])
+    assert_gradients_close(gradients, expected, **TOLERANCE[torch.float64])
+
+
+def test_the_switch_refuses_other_values(monkeypatch):
+    problem = problems_named('global')[0]
+    monkeypatch.setenv('DK_OPS_GLOBAL_CONVOLUTION', 'batched')
+    with pytest.raises(ValueError, match="DK_OPS_GLOBAL_CONVOLUTION must be 'grouped' or "
+                       "'per_image' \\(or unset\\), got 'batched'"):
+        problem.call(dk_ops.deform_kernel_conv2d, problem.make_inputs())

@@ -55,6 +55,10 @@ struct DriverSettings {
   // of the default chunking; it also cuts the implicit GEMMs' columns into chunks (the tests do,
   // to start chunks mid-tile).
   std::optional<int64_t> max_column_bytes;
+  // DK_OPS_GLOBAL_CONVOLUTION: "grouped" or "per_image" runs global DK's convolutions so in place
+  // of the rule (convolves_image_by_image; per image only where the device kernels can), so that
+  // a benchmark can time both in one run; unset for the rule.
+  std::optional<bool> global_per_image;
 };
 
 DriverSettings read_settings() {
@@ -72,6 +76,12 @@ DriverSettings read_settings() {
     TORCH_CHECK_VALUE(end != env && *end == '\0' && bytes > 0,
                       "DK_OPS_MAX_COLUMN_BYTES must be a positive integer, got '", env, "'");
     settings.max_column_bytes = bytes;
+  }
+  if (const char* env = std::getenv("DK_OPS_GLOBAL_CONVOLUTION"); env != nullptr && *env != '\0') {
+    TORCH_CHECK_VALUE(std::string_view(env) == "grouped" || std::string_view(env) == "per_image",
+                      "DK_OPS_GLOBAL_CONVOLUTION must be 'grouped' or 'per_image' (or unset), got '",
+                      env, "'");
+    settings.global_per_image = std::string_view(env) == "per_image";
   }
   return settings;
 }
@@ -92,15 +102,16 @@ enum class Strategy {
 };
 enum class Pass { kForward, kBackward };
 
-// The global path's one shape rule: one convolution per image, each on one host thread, where
-// the device kernels run images so (the CPU's) and the batch has an image for every thread;
-// otherwise the batch as one grouped convolution (a GPU's: one launch). On the 2-core EPYC,
-// forward + backward, oneDNN's convolutions of one image on one thread each outran its grouped
-// convolution of the batch on both threads at every ResNet stage (docs/speed.md); with fewer
-// images than threads, threads would idle.
-bool convolves_image_by_image(const DeviceKernels& kernels, const DeformKernelGeometry& g) {
-  return kernels.global.for_each_image_on_one_thread != nullptr &&
-         g.batch >= at::get_num_threads();
+// The global path's one rule of formulation: one convolution per image, each image on one host
+// thread, where the device kernels run images so (the CPU's) and the batch has an image for every
+// thread, so that none idles; otherwise the batch as one grouped convolution (on a GPU, one
+// launch). oneDNN's grouped convolution of the batch scales poorly over threads: at c5 it alone
+// took 1.35-1.42x of F.conv2d's time (docs/speed.md). The rule reads the thread count, but each
+// image's results are the same bits on any number of threads.
+bool convolves_image_by_image(const DeviceKernels& kernels, const DriverSettings& settings,
+                              const DeformKernelGeometry& g) {
+  if (kernels.global.for_each_image_on_one_thread == nullptr) return false;
+  return settings.global_per_image.value_or(g.batch >= at::get_num_threads());
 }
 
 bool is_reduced_precision(const Tensor& t) {
@@ -114,7 +125,7 @@ Strategy select_strategy(const DeviceKernels& kernels, const DriverSettings& set
     return Strategy::kFloat32Copies;
   }
   if (g.global_kernel_offset && !t.data_offset && !t.mask) {
-    return convolves_image_by_image(kernels, g) ? Strategy::kGlobalPerImage : Strategy::kGlobal;
+    return convolves_image_by_image(kernels, settings, g) ? Strategy::kGlobalPerImage : Strategy::kGlobal;
   }
   const bool device_has_implicit_gemm = pass == Pass::kForward
                                             ? kernels.local.implicit_gemm_forward != nullptr
