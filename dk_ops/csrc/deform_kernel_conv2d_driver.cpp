@@ -105,9 +105,10 @@ enum class Pass { kForward, kBackward };
 // The global path's one rule of formulation: one convolution per image, each image on one host
 // thread, where the device kernels run images so (the CPU's) and the batch has an image for every
 // thread, so that none idles; otherwise the batch as one grouped convolution (on a GPU, one
-// launch). oneDNN's grouped convolution of the batch scales poorly over threads: at c5 it alone
-// took 1.35-1.42x of F.conv2d's time (docs/speed.md). The rule reads the thread count, but each
-// image's results are the same bits on any number of threads.
+// launch). oneDNN's grouped convolution of the batch scales poorly over threads: with it, global
+// DK at c5, batch 8, took 1.50-1.57x of F.conv2d's time, per image 1.13-1.22x (docs/speed.md).
+// The rule reads the thread count, but each image's results are the same bits on any number of
+// threads.
 bool convolves_image_by_image(const DeviceKernels& kernels, const DriverSettings& settings,
                               const DeformKernelGeometry& g) {
   if (kernels.global.for_each_image_on_one_thread == nullptr) return false;
