@@ -106,7 +106,7 @@ enum class Pass { kForward, kBackward };
 // thread, where the device kernels run images so (the CPU's) and the batch has an image for every
 // thread, so that none idles; otherwise the batch as one grouped convolution (on a GPU, one
 // launch). oneDNN's grouped convolution of the batch scales poorly over threads: with it, global
-// DK at c5, batch 8, took 1.50-1.57x of F.conv2d's time, per image 1.13-1.22x (docs/speed.md).
+// DK at c5, batch 8, took 1.28-1.48x of F.conv2d's time, per image 1.12-1.18x (docs/speed.md).
 // The rule reads the thread count, but each image's results are the same bits on any number of
 // threads.
 bool convolves_image_by_image(const DeviceKernels& kernels, const DriverSettings& settings,
