@@ -34,6 +34,7 @@ def test_every_case_gets_a_row_with_its_ratio_to_conv2d(monkeypatch):
                                *DK_CASES[2:]]
     assert 'DK_OPS_MAX_COLUMN_BYTES' not in os.environ
     assert cells['F.conv2d'][3] == '1.00'
+    assert {'DK global, scope 4, grouped', 'DK global, scope 4, per_image'} <= set(cells)
     for name, row in cells.items():
         assert float(row[2]) > 0 and float(row[3]) > 0, name
         assert row[4] == '-' and row[5] == '', name  # no workspace and no verdicts on a CPU

@@ -6,7 +6,9 @@ is launch-bound. Its forward samples every image's kernel in one dk_ops kernel a
 batch as one grouped convolution; its backward is that convolution's backward and one dk_ops
 kernel each for the weight's and the offsets' gradients. Counted here on the CPU kernels, which
 run the same driver code as the CUDA ones: the ATen ops that do work are the convolution, its
-backward and the bias's repeat; the rest are allocations and views."""
+backward and the bias's repeat; the rest are allocations and views. The CPU kernels convolve
+image by image where the batch has an image for every thread, so the counts are taken with more
+threads than images, where they run the GPU's grouped convolution."""
 import collections
 import dataclasses
 
@@ -60,9 +62,14 @@ class _Recorder(TorchDispatchMode):
 def aten_ops_of_forward_and_backward(problem):
     tensors = problem.make_inputs(torch.float32)
     leaves = [t.requires_grad_() for t in tensors.values() if t is not None]
-    with AtenOpsOfDkOps() as counter:
-        output = problem.call(dk_ops.deform_kernel_conv2d, tensors)
-        torch.autograd.grad(output.sum(), leaves)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(problem.batch + 1)
+    try:
+        with AtenOpsOfDkOps() as counter:
+            output = problem.call(dk_ops.deform_kernel_conv2d, tensors)
+            torch.autograd.grad(output.sum(), leaves)
+    finally:
+        torch.set_num_threads(previous_threads)
     return counter.counts
 
 

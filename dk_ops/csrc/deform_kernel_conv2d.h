@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/FunctionRef.h>
 
 #include <array>
 #include <optional>
@@ -125,6 +126,11 @@ struct GlobalKernels {
   void (*offset_grad)(const DeformKernelGeometry& g, const at::Tensor& grad_filters,
                       const at::Tensor& weight, const at::Tensor& kernel_offset,
                       at::Tensor& grad_kernel_offset);
+  // Runs visit(n) for the images n of the batch, each on one host thread whose ATen ops run on
+  // that thread alone, the images spread over the threads; null on devices that run the batch
+  // as one grouped convolution (driver: select_strategy).
+  void (*for_each_image_on_one_thread)(int64_t batch, c10::function_ref<void(int64_t)> visit) =
+      nullptr;
 };
 
 // The direct path of depthwise convolutions (groups == C_in == C_out, local kernel offsets or

@@ -10,6 +10,9 @@
 //                   convolution, and one device kernel each takes the filters' gradient back to
 //                   the scope and to the offsets: a handful of launches, whatever the batch and
 //                   the groups
+//   global, per image   the same, but one convolution per image, each image on one host thread
+//                   (the CPU's kernels, with at least as many images as threads:
+//                   convolves_image_by_image)
 //   implicit GEMM   opt-in (DriverSettings), where the device has them (CUDA): the forward's
 //                   output and the backward's weight gradient without Z in memory; the other
 //                   gradients as on the columns
@@ -27,6 +30,7 @@
 // Another way to compute the local path (tensor cores, say) is one more Strategy, chosen in
 // select_strategy, with its forward and backward functions.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <torch/version.h>
 
@@ -57,6 +61,10 @@ struct DriverSettings {
   // of the default chunking; it also cuts the implicit GEMMs' columns into chunks (the tests do,
   // to start chunks mid-tile).
   std::optional<int64_t> max_column_bytes;
+  // DK_OPS_GLOBAL_CONVOLUTION: "grouped" or "per_image" runs global DK's convolutions so in place
+  // of the rule (convolves_image_by_image; per image only where the device kernels can), so that
+  // a benchmark can time both in one run; unset for the rule.
+  std::optional<bool> global_per_image;
 };
 
 DriverSettings read_settings() {
@@ -75,6 +83,12 @@ DriverSettings read_settings() {
                       "DK_OPS_MAX_COLUMN_BYTES must be a positive integer, got '", env, "'");
     settings.max_column_bytes = bytes;
   }
+  if (const char* env = std::getenv("DK_OPS_GLOBAL_CONVOLUTION"); env != nullptr && *env != '\0') {
+    TORCH_CHECK_VALUE(std::string_view(env) == "grouped" || std::string_view(env) == "per_image",
+                      "DK_OPS_GLOBAL_CONVOLUTION must be 'grouped' or 'per_image' (or unset), got '",
+                      env, "'");
+    settings.global_per_image = std::string_view(env) == "per_image";
+  }
   return settings;
 }
 
@@ -84,8 +98,29 @@ struct Operands {
   OptionalTensor data_offset, mask, bias;
 };
 
-enum class Strategy { kBiasOnly, kFloat32Copies, kGlobal, kImplicitGemm, kDepthwise, kColumns };
+enum class Strategy {
+  kBiasOnly,
+  kFloat32Copies,
+  kGlobal,
+  kGlobalPerImage,
+  kImplicitGemm,
+  kDepthwise,
+  kColumns
+};
 enum class Pass { kForward, kBackward };
+
+// The global path's one rule of formulation: one convolution per image, each image on one host
+// thread, where the device kernels run images so (the CPU's) and the batch has an image for every
+// thread, so that none idles; otherwise the batch as one grouped convolution (on a GPU, one
+// launch). oneDNN's grouped convolution of the batch scales poorly over threads: with it, global
+// DK at c5, batch 8, took 1.28-1.48x of F.conv2d's time, per image 1.12-1.18x (docs/speed.md).
+// The rule reads the thread count, but each image's results are the same bits on any number of
+// threads.
+bool convolves_image_by_image(const DeviceKernels& kernels, const DriverSettings& settings,
+                              const DeformKernelGeometry& g) {
+  if (kernels.global.for_each_image_on_one_thread == nullptr) return false;
+  return settings.global_per_image.value_or(g.batch >= at::get_num_threads());
+}
 
 bool is_reduced_precision(const Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
@@ -97,7 +132,10 @@ Strategy select_strategy(const DeviceKernels& kernels, const DriverSettings& set
   if (is_reduced_precision(t.input) && !kernels.takes_half_and_bfloat16) {
     return Strategy::kFloat32Copies;
   }
-  if (g.global_kernel_offset && !t.data_offset && !t.mask) return Strategy::kGlobal;
+  if (g.global_kernel_offset && !t.data_offset && !t.mask) {
+    return convolves_image_by_image(kernels, settings, g) ? Strategy::kGlobalPerImage
+                                                          : Strategy::kGlobal;
+  }
   const bool device_has_implicit_gemm = pass == Pass::kForward
                                             ? kernels.local.implicit_gemm_forward != nullptr
                                             : kernels.local.implicit_gemm_weight_grad != nullptr;
@@ -267,6 +305,42 @@ Tensor global_filters(const GlobalKernels& kernels, const DeformKernelGeometry& 
   return filters;
 }
 
+// The convolution of the op's geometry with `groups` groups, and its backward.
+Tensor convolve(const DeformKernelGeometry& g, const Tensor& input, const Tensor& filters,
+                const OptionalTensor& bias, int64_t groups) {
+  return at::convolution(input, filters, bias, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w},
+                         {g.dilation_h, g.dilation_w}, false, {0, 0}, groups);
+}
+std::tuple<Tensor, Tensor, Tensor> convolve_backward(const DeformKernelGeometry& g,
+                                                     const Tensor& grad_output,
+                                                     const Tensor& input, const Tensor& filters,
+                                                     int64_t groups, bool input_grad,
+                                                     bool filters_grad) {
+  return at::convolution_backward(grad_output, input, filters, std::nullopt,
+                                  {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w},
+                                  {g.dilation_h, g.dilation_w}, false, {0, 0}, groups,
+                                  {input_grad, filters_grad, false});
+}
+
+// The filters' gradient taken back to the scope and to the offsets, one device kernel each.
+void scope_and_offset_grads(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                            const Tensor& weight, const Tensor& kernel_offset,
+                            const Tensor& grad_filters, const WantedGradients& wanted,
+                            std::array<Tensor, 5>& grads) {
+  if (wanted.weight) {
+    grads[1] = at::empty_like(weight);
+    RECORD_FUNCTION("dk_ops::global_weight_grad", std::vector<c10::IValue>());
+    kernels.weight_grad(g, grad_filters, kernel_offset, grads[1]);
+  }
+  if (wanted.kernel_offset) {
+    grads[2] = at::empty_like(kernel_offset);
+    RECORD_FUNCTION("dk_ops::global_offset_grad", std::vector<c10::IValue>());
+    kernels.offset_grad(g, grad_filters, weight, kernel_offset, grads[2]);
+  }
+}
+
+// --- the batch as one grouped convolution
+
 // The batch as one image of N * C channels.
 Tensor batch_as_channels(const Tensor& t) {
   return t.reshape({1, t.size(0) * t.size(1), t.size(2), t.size(3)});
@@ -279,37 +353,84 @@ Tensor forward_global(const GlobalKernels& kernels, const DeformKernelGeometry& 
                                       t.kernel_offset.contiguous());
   const auto bias = contiguous(t.bias);
   const OptionalTensor batch_bias = bias ? OptionalTensor(bias->repeat({g.batch})) : std::nullopt;
-  return at::convolution(batch_as_channels(input), filters, batch_bias, {g.stride_h, g.stride_w},
-                         {g.pad_h, g.pad_w}, {g.dilation_h, g.dilation_w}, false, {0, 0},
-                         g.batch * g.groups)
+  return convolve(g, batch_as_channels(input), filters, batch_bias, g.batch * g.groups)
       .view({g.batch, g.out_channels, g.out_h, g.out_w});
 }
 
-// The convolution's backward gives the input's and the filters' gradients; one device kernel
-// takes the filters' gradient back to the scope, another to the offsets.
+// The convolution's backward gives the input's and the filters' gradients.
 Gradients backward_global(const GlobalKernels& kernels, const DeformKernelGeometry& g,
                           const Operands& t, const Tensor& grad_output,
                           const WantedGradients& wanted) {
   const auto input = t.input.contiguous(), weight = t.weight.contiguous();
   const auto kernel_offset = t.kernel_offset.contiguous();
   const bool need_filters = wanted.weight || wanted.kernel_offset;
-  auto [grad_batch_input, grad_filters, unused_grad_bias] = at::convolution_backward(
-      batch_as_channels(grad_output.contiguous()), batch_as_channels(input),
-      global_filters(kernels, g, weight, kernel_offset), std::nullopt, {g.stride_h, g.stride_w},
-      {g.pad_h, g.pad_w}, {g.dilation_h, g.dilation_w}, false, {0, 0}, g.batch * g.groups,
-      {wanted.input, need_filters, false});
+  auto [grad_batch_input, grad_filters, unused_grad_bias] = convolve_backward(
+      g, batch_as_channels(grad_output.contiguous()), batch_as_channels(input),
+      global_filters(kernels, g, weight, kernel_offset), g.batch * g.groups, wanted.input,
+      need_filters);
   std::array<Tensor, 5> grads;
   if (wanted.input) grads[0] = grad_batch_input.view_as(input);
-  if (need_filters) grad_filters = grad_filters.contiguous();
-  if (wanted.weight) {
-    grads[1] = at::empty_like(weight);
-    RECORD_FUNCTION("dk_ops::global_weight_grad", std::vector<c10::IValue>());
-    kernels.weight_grad(g, grad_filters, kernel_offset, grads[1]);
+  if (need_filters) {
+    scope_and_offset_grads(kernels, g, weight, kernel_offset, grad_filters.contiguous(), wanted,
+                           grads);
   }
-  if (wanted.kernel_offset) {
-    grads[2] = at::empty_like(kernel_offset);
-    RECORD_FUNCTION("dk_ops::global_offset_grad", std::vector<c10::IValue>());
-    kernels.offset_grad(g, grad_filters, weight, kernel_offset, grads[2]);
+  return op_results(t, wanted, grads);
+}
+
+// --- one convolution per image, each on one host thread
+//
+// Each image's filters are sampled on its thread, into a buffer of one image's filters: the
+// batch's would be a fresh allocation of N x C_out x C_in/groups x taps values on every call
+// (75 MB at c5, batch 8), whose pages the OS maps and zeroes anew each time.
+
+// Image n's filters (C_out, C_in/groups, K_h, K_w), sampled by the device kernel.
+Tensor image_filters(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                     const Tensor& weight, const Tensor& kernel_offset, int64_t n) {
+  DeformKernelGeometry image = g;
+  image.batch = 1;
+  return global_filters(kernels, image, weight, kernel_offset.narrow(0, n, 1));
+}
+
+Tensor forward_global_per_image(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                                const Operands& t) {
+  const auto input = t.input.contiguous(), weight = t.weight.contiguous();
+  const auto kernel_offset = t.kernel_offset.contiguous();
+  const auto bias = contiguous(t.bias);
+  auto output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
+  kernels.for_each_image_on_one_thread(g.batch, [&](int64_t n) {
+    const auto filters = image_filters(kernels, g, weight, kernel_offset, n);
+    output.narrow(0, n, 1).copy_(convolve(g, input.narrow(0, n, 1), filters, bias, g.groups));
+  });
+  return output;
+}
+
+Gradients backward_global_per_image(const GlobalKernels& kernels, const DeformKernelGeometry& g,
+                                    const Operands& t, const Tensor& grad_output,
+                                    const WantedGradients& wanted) {
+  const auto input = t.input.contiguous(), weight = t.weight.contiguous();
+  const auto kernel_offset = t.kernel_offset.contiguous();
+  const auto grad_out = grad_output.contiguous();
+  const bool need_filters = wanted.weight || wanted.kernel_offset;
+  std::array<Tensor, 5> grads;
+  if (wanted.input) grads[0] = at::empty_like(input);
+  // The scope's gradient sums over images, so the filters' gradients of the whole batch.
+  Tensor grad_filters =
+      need_filters ? at::empty({g.batch * g.out_channels, g.in_channels / g.groups, g.kernel_h,
+                                g.kernel_w},
+                               weight.options())
+                   : Tensor();
+  kernels.for_each_image_on_one_thread(g.batch, [&](int64_t n) {
+    auto [grad_image, grad_image_filters, unused_grad_bias] = convolve_backward(
+        g, grad_out.narrow(0, n, 1), input.narrow(0, n, 1),
+        image_filters(kernels, g, weight, kernel_offset, n), g.groups, wanted.input,
+        need_filters);
+    if (wanted.input) grads[0].narrow(0, n, 1).copy_(grad_image);
+    if (need_filters) {
+      grad_filters.narrow(0, n * g.out_channels, g.out_channels).copy_(grad_image_filters);
+    }
+  });
+  if (need_filters) {
+    scope_and_offset_grads(kernels, g, weight, kernel_offset, grad_filters, wanted, grads);
   }
   return op_results(t, wanted, grads);
 }
@@ -629,6 +750,8 @@ Tensor run_forward(const DeviceKernels& kernels, const DriverSettings& settings,
       return forward_float32_copies(kernels, settings, g, t);
     case Strategy::kGlobal:
       return forward_global(kernels.global, g, t);
+    case Strategy::kGlobalPerImage:
+      return forward_global_per_image(kernels.global, g, t);
     case Strategy::kImplicitGemm:
       return forward_implicit_gemm(kernels.local, settings, g, t);
     case Strategy::kDepthwise:
@@ -649,6 +772,8 @@ Gradients run_backward(const DeviceKernels& kernels, const DriverSettings& setti
       return backward_float32_copies(kernels, settings, g, t, grad_output, wanted);
     case Strategy::kGlobal:
       return backward_global(kernels.global, g, t, grad_output, wanted);
+    case Strategy::kGlobalPerImage:
+      return backward_global_per_image(kernels.global, g, t, grad_output, wanted);
     case Strategy::kImplicitGemm:
       return backward_implicit_gemm(kernels.local, settings, g, t, grad_output, wanted);
     case Strategy::kDepthwise:

@@ -18,9 +18,13 @@ and the ratios stay fair:
 --cases times only the named cases (and F.conv2d, the baseline of every ratio).
 --column-mib 64 256 adds local DK scope 4 with those column buffers (DK_OPS_MAX_COLUMN_BYTES) to
 the cases: the op's default on a GPU is ceil(S / taps) chunks of the batch, untimed against others.
+On a CPU it also times global DK with its convolutions forced to either formulation
+(DK_OPS_GLOBAL_CONVOLUTION=grouped or per_image, docs/operator.md), in the rows so marked.
 On CUDA it also times the opt-in implicit GEMMs of local DK (DK_OPS_LOCAL_KERNELS=implicit_gemm,
 docs/gpu.md) in the rows marked "implicit GEMM": the forward and the weight gradient without the
-scope columns, the other gradients as in the rows above them.
+scope columns, the other gradients as in the rows above them; and, where Triton is installed,
+the fused path (DK_OPS_CUDA_PATH=fused) in the rows marked "fused", with a line per case at the
+end: fused / columns, and which one wins.
 --depthwise times depthwise convs (groups = C) instead, against the depthwise F.conv2d: the
 shapes of docs/speed.md's depthwise section (DEPTHWISE_SHAPES), with one kernel offset set for
 all channels and one per channel, and the first also on the scope columns
@@ -136,8 +140,13 @@ def cases(channels, size, batch, device, dtype, column_mib=()):
     for mib in column_mib:
         yield (f'DK local, scope 4, {mib} MiB columns',
                dk(4, offsets(0.3), env={'DK_OPS_MAX_COLUMN_BYTES': str(mib << 20)}))
-    yield 'DK global, scope 4', dk(4, leaf(0.3 * torch.randn(batch, 18, **make)))
+    global_offsets = leaf(0.3 * torch.randn(batch, 18, **make))
+    yield 'DK global, scope 4', dk(4, global_offsets)
     yield 'DK+DCN, scope 4', dk(4, offsets(0.3), data_offset=offsets(1.0))
+    if device.type == 'cpu':  # the CPU's two formulations of global DK, whatever the rule
+        for formulation in ('grouped', 'per_image'):
+            yield (f'DK global, scope 4, {formulation}',
+                   dk(4, global_offsets, env={'DK_OPS_GLOBAL_CONVOLUTION': formulation}))
     if device.type == 'cuda':  # the CPU kernels have no implicit GEMM
         implicit_gemm = {'DK_OPS_LOCAL_KERNELS': 'implicit_gemm'}
         yield 'DK local, scope 4, implicit GEMM', dk(4, offsets(0.3), env=implicit_gemm)

@@ -7,6 +7,8 @@
 // channels of an offset group as AXPYs and dot products over contiguous channels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -449,6 +451,8 @@ void offset_and_mask_grads(const ColumnChunk& chunk, const Tensor& grad_z,
 
 // The blocks of cells, taps and entries that the sums below are kept in.
 constexpr int64_t kCellBlock = 16, kTapBlock = 3, kEntryBlock = 64;
+// The entries sampled side by side: a vector register's worth, twice over for AVX2 and float.
+constexpr int64_t kSampleEntries = 16;
 // Enough parts to keep a many-core CPU busy, few enough that their sums stay small.
 constexpr int64_t kOffsetGradParts = 16;
 
@@ -516,21 +520,42 @@ int64_t output_channels_per_task(const GlobalGeometry& geometry) {
   return std::max<int64_t>(1, 4096 / geometry.group_in);
 }
 
-// filters[n, e, tap] for the entries [first, last) of kernel offset group kg, every image.
+// filters[n, e, tap] for the entries [first, last) of kernel offset group kg, every image,
+// kSampleEntries entries at a time: their scope rows turned to columns once for all images, so
+// that each tap is four multiply-adds of whole vectors of entries, then written out in the
+// filters' (entry, tap) order.
 template <typename T>
 DK_VECTOR_CLONES void sample_filters_run(const GlobalGeometry& geometry, const GlobalSamples<T>& s,
                                          const T* scope, T* filters, int64_t first,
                                          int64_t last, int64_t kg) {
-  const int64_t taps = geometry.taps;
-  for (int64_t entry = first; entry < last; ++entry) {
-    const T* __restrict row = scope + entry * geometry.cells;
+  const int64_t taps = geometry.taps, cells = geometry.cells;
+  std::vector<T> cell_columns(cells * kSampleEntries), sampled(taps * kSampleEntries);
+  for (int64_t e0 = first; e0 < last; e0 += kSampleEntries) {
+    const int64_t count = std::min(kSampleEntries, last - e0);
+    for (int64_t cell = 0; cell < cells; ++cell) {
+      for (int64_t e = 0; e < kSampleEntries; ++e) {
+        cell_columns[cell * kSampleEntries + e] = e < count ? scope[(e0 + e) * cells + cell] : T(0);
+      }
+    }
     for (int64_t n = 0; n < geometry.batch; ++n) {
-      const int64_t* __restrict cell = &s.corner_cell[s.first_tap(n, kg) * 4];
-      const T* __restrict w = &s.corner_weight[s.first_tap(n, kg) * 4];
-      T* __restrict sampled = filters + (n * geometry.entries + entry) * taps;
+      const int64_t* cell = &s.corner_cell[s.first_tap(n, kg) * 4];
+      const T* w = &s.corner_weight[s.first_tap(n, kg) * 4];
       for (int64_t tap = 0; tap < taps; ++tap, cell += 4, w += 4) {
-        sampled[tap] =
-            w[0] * row[cell[0]] + w[1] * row[cell[1]] + w[2] * row[cell[2]] + w[3] * row[cell[3]];
+        const T* __restrict c0 = &cell_columns[cell[0] * kSampleEntries];
+        const T* __restrict c1 = &cell_columns[cell[1] * kSampleEntries];
+        const T* __restrict c2 = &cell_columns[cell[2] * kSampleEntries];
+        const T* __restrict c3 = &cell_columns[cell[3] * kSampleEntries];
+        T* __restrict out = &sampled[tap * kSampleEntries];
+#pragma omp simd
+        for (int64_t e = 0; e < kSampleEntries; ++e) {
+          out[e] = w[0] * c0[e] + w[1] * c1[e] + w[2] * c2[e] + w[3] * c3[e];
+        }
+      }
+      T* __restrict image_filters = filters + (n * geometry.entries + e0) * taps;
+      for (int64_t e = 0; e < count; ++e) {
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          image_filters[e * taps + tap] = sampled[tap * kSampleEntries + e];
+        }
       }
     }
   }
@@ -692,9 +717,37 @@ void global_offset_grad(const DeformKernelGeometry& g, const Tensor& grad_filter
   });
 }
 
+// OpenMP's thread count for the current task, set for the length of a scope and restored after
+// it: inside a parallel region the setting is the task's own.
+class OpenMpThreadsGuard {
+ public:
+  explicit OpenMpThreadsGuard(int threads) : previous_(omp_get_max_threads()) {
+    omp_set_num_threads(threads);
+  }
+  ~OpenMpThreadsGuard() { omp_set_num_threads(previous_); }
+  OpenMpThreadsGuard(const OpenMpThreadsGuard&) = delete;
+  OpenMpThreadsGuard& operator=(const OpenMpThreadsGuard&) = delete;
+
+ private:
+  int previous_;
+};
+
+// The images over at::parallel_for's threads, each thread with the caller's thread-local state
+// (the dispatch keys the op's kernel runs under, the profiler's) and an OpenMP thread count of
+// one: oneDNN plans a convolution for omp_get_max_threads() threads, and inside a parallel region
+// it gets one, so that a plan for more left parts of the weight gradient unwritten.
+void for_each_image_on_one_thread(int64_t batch, c10::function_ref<void(int64_t)> visit) {
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    const OpenMpThreadsGuard threads_guard(1);
+    for (int64_t n = begin; n < end; ++n) visit(n);
+  });
+}
+
 constexpr DeviceKernels kCpuKernels{
     {scatter_scope_columns, gather_input_grad, offset_and_mask_grads},
-    {sample_global_filters, global_weight_grad, global_offset_grad},
+    {sample_global_filters, global_weight_grad, global_offset_grad, for_each_image_on_one_thread},
     {depthwise_forward_cpu, depthwise_backward_cpu},
     /*takes_half_and_bfloat16=*/false};
 
