@@ -117,7 +117,8 @@ else
     mode=GPU
     cuda_build=(FORCE_CUDA=1 "TORCH_CUDA_ARCH_LIST=$arch")
     op_bench=(--device cuda --repeats 30)
-    # The local path's column buffer: 16 MiB by default on a GPU, never timed against others.
+    # The local path's column buffer: ceil(S / taps) chunks of the batch by default on a GPU,
+    # never timed against others.
     column_mib=(--column-mib 64 256)
     backbone_bench=(--device cuda --repeats 10)
     amp_variants=()
@@ -194,6 +195,7 @@ tests_and_benchmarks() {
     step bench_op_tf32 45 "$PYTHON" $bench "${op_bench[@]}" --tf32
     step bench_op_bfloat16_batch8 45 "$PYTHON" $bench "${op_bench[@]}" --dtype bfloat16 --batch 8 \
         "${column_mib[@]}"
+    step bench_op_depthwise 30 "$PYTHON" $bench "${op_bench[@]}" --depthwise
 
     bench=tools/analysis_tools/benchmark_backbone.py
     step bench_backbone_float32 90 "$PYTHON" $bench "${backbone_bench[@]}" \
@@ -243,7 +245,7 @@ tables() {  # the header line and the Markdown table of a benchmark's log
     if [ ! -f "$LOG_DIR/$1.log" ]; then
         echo '(not run)'
     else
-        grep -E '^(device=|\||Peak memory|Warning)' "$LOG_DIR/$1.log" ||
+        grep -E '^(device=|\||Peak memory|Warning)|: fused / columns' "$LOG_DIR/$1.log" ||
             echo "(no table: see $1.log)"
     fi
 }
@@ -278,7 +280,7 @@ tables() {  # the header line and the Markdown table of a benchmark's log
     else
         echo '(not run)'
     fi
-    for name in bench_op_float32 bench_op_tf32 bench_op_bfloat16_batch8; do
+    for name in bench_op_float32 bench_op_tf32 bench_op_bfloat16_batch8 bench_op_depthwise; do
         printf '\n## %s (forward + backward of the op)\n\n' "$name"
         tables "$name"
     done
