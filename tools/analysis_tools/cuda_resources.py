@@ -39,6 +39,7 @@ class KernelResources:
     stack: int = 0
     static_smem: int = 0
     dynamic_smem: int = 0
+    local: int = 0  # bytes of local memory beyond the stack frame (cuobjdump's LOCAL)
 
     @property
     def base_name(self) -> str:
@@ -49,6 +50,8 @@ class KernelResources:
         found = []
         if self.stack:
             found.append(f'{self.stack} bytes of stack frame (a local-memory array)')
+        if self.local:
+            found.append(f'{self.local} bytes of local memory')
         if self.spill_stores or self.spill_loads:
             found.append(f'{self.spill_stores} bytes of spill stores and {self.spill_loads} '
                          'of spill loads')

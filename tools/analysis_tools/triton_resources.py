@@ -16,7 +16,6 @@ compiled extension: the kernels module is loaded from its file.
 """
 import argparse
 import concurrent.futures
-import dataclasses
 import importlib.util
 import os
 import re
@@ -32,8 +31,6 @@ from triton.compiler import ASTSource
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET = GPUTarget('cuda', 90, 32)
 DTYPES = {'float32': ('fp32', tl.float32), 'bfloat16': ('bf16', tl.bfloat16)}
-COLUMNS = ('kernel', 'registers/thread', 'spill stores', 'spill loads', 'stack',
-           'static smem', 'dynamic smem')
 # Pointers to tensors in the op's dtype; every other pointer is to float32.
 DTYPE_POINTERS = {'input', 'weight', 'bias', 'output', 'grad_output'}
 FLOAT32_POINTERS = {'kernel_offset', 'data_offset', 'mask', 'grad_weight_parts', 'grad_input',
@@ -51,6 +48,10 @@ def load_module(path, name):
 
 
 kernels = load_module(os.path.join(ROOT, 'dk_ops', 'fused', 'kernels.py'), 'fused_kernels')
+# The table and the check of the CUDA kernels' resources (make cuda-check), for these too.
+cuda_resources = load_module(os.path.join(ROOT, 'tools', 'analysis_tools', 'cuda_resources.py'),
+                             'cuda_resources')
+KernelResources, markdown_table = cuda_resources.KernelResources, cuda_resources.markdown_table
 
 
 def tuning_tiles():
@@ -58,27 +59,6 @@ def tuning_tiles():
     with open(os.path.join(ROOT, 'dk_ops', 'fused', 'op.py')) as source:
         match = re.search(r'^TUNING_TILES = (\[.*?\])$', source.read(), re.S | re.M)
     return eval(match.group(1), {})  # a literal list of tuples of ints
-
-
-@dataclasses.dataclass
-class Resources:
-    name: str
-    registers: int
-    spill_stores: int
-    spill_loads: int
-    stack: int
-    local: int
-    static_smem: int
-    dynamic_smem: int
-
-    def problems(self):
-        found = []
-        if self.stack or self.local:
-            found.append(f'{self.stack} bytes of stack frame, {self.local} of local memory')
-        if self.spill_stores or self.spill_loads:
-            found.append(f'{self.spill_stores} bytes of spill stores and {self.spill_loads} '
-                         'of spill loads')
-        return found
 
 
 def compile_kernel(kernel_name, dtype_name, tile):
@@ -119,17 +99,10 @@ def resources(compiled, name):
                                 capture_output=True, text=True, check=True).stderr
     fields = dict(re.findall(r'\b(REG|STACK|SHARED|LOCAL):(\d+)', usage))
     spills = re.search(r'(\d+) bytes spill stores, (\d+) bytes spill loads', report)
-    return Resources(name, int(fields['REG']), int(spills.group(1)), int(spills.group(2)),
-                     int(fields['STACK']), int(fields['LOCAL']), int(fields['SHARED']),
-                     compiled.metadata.shared)
-
-
-def markdown_table(rows):
-    lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
-    for r in rows:
-        lines.append(f'| {r.name} | {r.registers} | {r.spill_stores} | {r.spill_loads} | '
-                     f'{r.stack} | {r.static_smem} | {r.dynamic_smem} |')
-    return '\n'.join(lines)
+    return KernelResources(name, 'sm_90', registers=int(fields['REG']),
+                           spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
+                           stack=int(fields['STACK']), static_smem=int(fields['SHARED']),
+                           dynamic_smem=compiled.metadata.shared, local=int(fields['LOCAL']))
 
 
 def main():
