@@ -84,6 +84,7 @@ def tf32_switches():
     saved = [(cudnn, 'fp32_precision'), (cudnn.conv, 'fp32_precision'),
              (cudnn.rnn, 'fp32_precision'), (matmul, 'fp32_precision')]
     saved = [(module, name, getattr(module, name)) for module, name in saved]
+    legacy_allow_tf32 = cudnn.allow_tf32
     matmul_precision = torch.get_float32_matmul_precision()
 
     def set_switches(switch, tf32):
@@ -96,6 +97,10 @@ def tf32_switches():
         matmul.fp32_precision = 'ieee' if tf32 else 'tf32'
 
     yield set_switches
+    # The legacy flag first: it keeps a state of its own, and restoring only the per-operation
+    # switches leaves torch seeing both APIs mixed, so that the next read of
+    # cudnn.allow_tf32 (torch.export's, for one) raises.
+    cudnn.allow_tf32 = legacy_allow_tf32
     for module, name, value in saved:
         setattr(module, name, value)
     torch.set_float32_matmul_precision(matmul_precision)
