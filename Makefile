@@ -71,7 +71,7 @@ ASAN_TESTS := tests/test_emulated_cuda.py tests/test_op_cuda_emulated.py \
               tests/test_op_cuda_implicit_gemm.py tests/test_op_zero_sizes.py
 
 test-asan: env
-	CFLAGS="-fsanitize=address -fno-omit-frame-pointer" LDFLAGS="-fsanitize=address" \
+	DK_OPS_EMULATED_CUDA=1 CFLAGS="-fsanitize=address -fno-omit-frame-pointer" LDFLAGS="-fsanitize=address" \
 	MAX_JOBS=$${MAX_JOBS:-2} $(VPY) setup.py build --force --build-temp $(ASAN_DIR)/temp \
 		--build-lib $(ASAN_DIR)/lib
 	LD_PRELOAD="$$($${CXX:-g++} -print-file-name=libasan.so) $$($${CXX:-g++} -print-file-name=libstdc++.so)" \
