@@ -43,6 +43,8 @@ S_PAD = 16
 def load_module(path, name):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    # Registered, so that the worker processes' KernelResources pickle back to this class.
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
