@@ -201,14 +201,21 @@ if tool.endswith('train.py'):
 """
 
 
-def test_finished_steps_are_stamped_and_skipped(tmp_path, monkeypatch):
+def write_stub_python(tmp_path, monkeypatch):
+    """STUB_PYTHON as an executable, and the file where it records its calls."""
     stub = tmp_path / 'python'
     stub.write_text(STUB_PYTHON.format(python=sys.executable))
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     calls = tmp_path / 'calls.jsonl'
     monkeypatch.setenv('CALLS', str(calls))
+    return stub, calls
+
+
+def test_finished_steps_are_stamped_and_skipped(tmp_path, monkeypatch):
+    stub, calls = write_stub_python(tmp_path, monkeypatch)
     root = str(tmp_path / 'study')
-    run = run_study.Run('scratch', 'faster-rcnn_r50-dk-c3-c5_fpn_shapes', 2, run_study.SHORT.scratch)
+    run = run_study.Run('scratch', 'faster-rcnn_r50-dk-c3-c5_fpn_shapes', 2,
+                        run_study.SHORT.scratch)
 
     def called():
         return [json.loads(line) for line in calls.read_text().splitlines()] \
@@ -287,11 +294,7 @@ def test_collect_writes_every_seeds_value_beside_the_tables(tmp_path):
 
 def test_a_finetuned_dynamic_variant_measures_its_offsets_and_rigid_does_not(tmp_path,
                                                                              monkeypatch):
-    stub = tmp_path / 'python'
-    stub.write_text(STUB_PYTHON.format(python=sys.executable))
-    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
-    calls = tmp_path / 'calls.jsonl'
-    monkeypatch.setenv('CALLS', str(calls))
+    stub, calls = write_stub_python(tmp_path, monkeypatch)
     root = str(tmp_path / 'study')
     stage1, *finetune = run_study.study_runs(run_study.CONVERGED, seeds=1)
     fake_stage1(root, stage1.model, str(tmp_path / 'stage1.pth'))
