@@ -91,6 +91,43 @@ def test_non_contiguous_and_channels_last_inputs(problem):
     assert_matches_reference(problem, problem.make_inputs(), view=strided)
 
 
+# One kernel offset set per channel: the CPU samples each scope point from the 4 x 4 scope cells
+# around its tap's rigid point where they hold its four cells, and exactly otherwise. Offsets of
+# up to 3.5 cells send points beyond that window and beyond the scope; scope K+1 puts the rigid
+# points between cells and K+2 on them, so the window's reach differs.
+PER_CHANNEL_FAR = [
+    dataclasses.replace(depthwise(f'k{kernel}_scope{scope}_kgroups8_far', kernel, scope,
+                                  kernel_offset_groups=CHANNELS), kernel_offset_range=3.5)
+    for kernel, scope in ((3, 4), (3, 5), (5, 6))
+]
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
+@by_name(PER_CHANNEL_FAR)
+def test_per_channel_offsets_beyond_the_window_match_reference(problem, dtype):
+    assert_matches_reference(problem, problem.make_inputs(dtype))
+
+
+@by_name(PER_CHANNEL_FAR)
+def test_per_channel_points_on_cell_edges_match_one_shared_set(problem):
+    """Offsets in half cells put every scope point on a cell edge or a cell centre, among them
+    the window's borders and the scope's (-1 and S), where the bilinear gradient has a kink:
+    there the reference's autograd picks its own side, so the per-channel kernels are held to
+    the shared-offset kernels' rule instead (a point on an edge takes the cell below or to its
+    right as top-left), given the same offsets for every channel."""
+    shared = dataclasses.replace(problem, kernel_offset_groups=1)
+    tensors = shared.make_inputs()
+    tensors['kernel_offset'] = (tensors['kernel_offset'] * 2).round() / 2
+    per_channel = dict(tensors, kernel_offset=tensors['kernel_offset'].repeat(1, CHANNELS, 1, 1))
+    output, gradients = output_and_gradients(problem, dk_ops.deform_kernel_conv2d, per_channel)
+    expected_output, expected = output_and_gradients(shared, dk_ops.deform_kernel_conv2d, tensors)
+    batch, _, out_h, out_w = output.shape
+    gradients['kernel_offset'] = gradients['kernel_offset'].view(
+        batch, CHANNELS, -1, out_h, out_w).sum(1)
+    torch.testing.assert_close(output, expected_output, **TOLERANCE[torch.float64])
+    assert_gradients_close(gradients, expected, **TOLERANCE[torch.float64])
+
+
 def ranges_run(problem, tensors):
     """The names of the op's profiler ranges that one forward and backward ran."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:

@@ -39,6 +39,7 @@
 #include <string_view>
 #include <vector>
 
+#include "cpu/huge_pages.h"
 #include "deform_kernel_conv2d.h"
 
 namespace dk_ops {
@@ -720,8 +721,9 @@ Gradients backward_depthwise(const DepthwiseKernels& kernels, const DeformKernel
   DepthwiseGradients grads;
   if (wanted.input) grads.input = at::zeros_like(operands.input, sum_options);
   if (wanted.weight) grads.scope = at::empty_like(operands.scope, sum_options);
-  if (wanted.kernel_offset) grads.kernel_offset = at::empty_like(operands.kernel_offset);
-  if (wanted.data_offset) grads.data_offset = at::empty_like(operands.data_offset);
+  // The per-channel offsets' gradients are the largest tensors of a depthwise layer.
+  if (wanted.kernel_offset) grads.kernel_offset = empty_like_on_huge_pages(operands.kernel_offset);
+  if (wanted.data_offset) grads.data_offset = empty_like_on_huge_pages(operands.data_offset);
   if (wanted.mask) grads.mask = at::empty_like(operands.mask);
   {
     RECORD_FUNCTION("dk_ops::depthwise_backward", std::vector<c10::IValue>());

@@ -9,9 +9,11 @@
 // input gradient is scattered in phases of rows whose taps read disjoint input rows.
 //
 // One kernel offset set per channel on a rigid grid: the channels share nothing, and their
-// offsets are planes of (H_out, W_out), so the planes stay as they are and the loops run along
-// the output rows, each channel on one thread (its input, scope and offset gradients are its
-// own: no sums across threads).
+// offsets are planes of (H_out, W_out), so the planes stay as they are, each channel on one
+// thread (its input, scope and offset gradients are its own: no sums across threads). Per tap,
+// the input pixels it reads are copied into output order, so that one loop runs over the whole
+// plane, and each point is sampled from the few scope cells around the tap (ScopeWindow) with
+// no gathers.
 #include "depthwise_cpu.h"
 
 #include <ATen/ATen.h>
@@ -427,6 +429,14 @@ void backward_shared(const DepthwiseOperands& t, const Tensor& grad_output,
 
 // ------------------------------------------------------------------ one offset set per channel
 
+// The per-channel kernels' loops along the output rows sample a different scope point in every
+// lane. GCC if-converts (and so vectorises) their float compares and selects only without
+// trapping math; these kernels never read the floating-point exception flags, so that is safe.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 // A channel's scope with a border of zeros, so that the four cells around any point inside
 // (-1, S_h) x (-1, S_w) are in memory and the cells outside the scope read zero: the loops along
 // the output rows then need no branches and vectorise (with gathers).
@@ -443,9 +453,63 @@ struct PaddedScope {
   }
 };
 
+// An input plane with a border of zeros wide enough for every tap of every output: the loops
+// along the output rows then run over whole rows (no ragged ends that would run scalar), and a
+// tap that reads outside the image reads zero, which also zeroes its gradients.
+template <typename T>
+struct PaddedPlane {
+  int64_t width;
+  std::vector<T> cells;
+
+  explicit PaddedPlane(const DepthwiseGeometry& d)
+      : width(std::max(d.width + d.pad_w, (d.out_w - 1) * d.stride_w +
+                                              (d.kernel_w - 1) * d.dilation_w + 1)),
+        cells(std::max(d.height + d.pad_h, (d.out_h - 1) * d.stride_h +
+                                               (d.kernel_h - 1) * d.dilation_h + 1) *
+                  width,
+              T(0)) {}
+
+  // Where input pixel (y, x) sits.
+  int64_t index(const DepthwiseGeometry& d, int64_t y, int64_t x) const {
+    return (y + d.pad_h) * width + x + d.pad_w;
+  }
+  void copy_in(const DepthwiseGeometry& d, const T* plane) {
+    for (int64_t y = 0; y < d.height; ++y) {
+      std::copy(plane + y * d.width, plane + (y + 1) * d.width, &cells[index(d, y, 0)]);
+    }
+  }
+  void copy_out(const DepthwiseGeometry& d, T* plane) const {
+    for (int64_t y = 0; y < d.height; ++y) {
+      std::copy(&cells[index(d, y, 0)], &cells[index(d, y, d.width)], plane + y * d.width);
+    }
+  }
+  // Where tap (i, j) of output (out_y, 0) reads; output column x reads x * stride_w further.
+  int64_t tap_row(const DepthwiseGeometry& d, int64_t i, int64_t j, int64_t out_y) const {
+    return (out_y * d.stride_h + i * d.dilation_h) * width + j * d.dilation_w;
+  }
+  // What tap (i, j) reads at every output position, in output order (one tap's im2col): the
+  // loops over the positions then read it contiguously, and run as one loop over the whole
+  // plane rather than one per output row, each with a scalar tail.
+  void tap_column(const DepthwiseGeometry& d, int64_t i, int64_t j, T* column) const {
+    for (int64_t out_y = 0; out_y < d.out_h; ++out_y) {
+      const T* row = &cells[tap_row(d, i, j, out_y)];
+      T* out = column + out_y * d.out_w;
+      for (int64_t out_x = 0; out_x < d.out_w; ++out_x) out[out_x] = row[out_x * d.stride_w];
+    }
+  }
+  // The reverse: adds every output position's value to the pixel that tap (i, j) reads there.
+  void add_tap_column(const DepthwiseGeometry& d, int64_t i, int64_t j, const T* column) {
+    for (int64_t out_y = 0; out_y < d.out_h; ++out_y) {
+      T* row = &cells[tap_row(d, i, j, out_y)];
+      const T* in = column + out_y * d.out_w;
+      for (int64_t out_x = 0; out_x < d.out_w; ++out_x) row[out_x * d.stride_w] += in[out_x];
+    }
+  }
+};
+
 // Where a tap's scope point falls in the padded scope: the top-left cell, the fractions, and
-// whether it samples at all (a point outside, or a non-finite offset, does not: its weights are
-// then zero and its cell a valid one).
+// whether it samples at all, as 1 or 0 (a point outside, or a non-finite offset, does not: its
+// cell is then a valid one, and the caller's products with `inside` weigh it zero).
 template <typename T>
 struct ScopeSample {
   int top_left;
@@ -453,13 +517,14 @@ struct ScopeSample {
 };
 
 template <typename T>
-inline ScopeSample<T> scope_sample(const DepthwiseGeometry& d, int64_t width, T qy, T qx) {
-  // & rather than &&: no branches, so that the loops calling this vectorise.
-  const bool inside = (qy > T(-1)) & (qy < T(d.scope_h)) & (qx > T(-1)) & (qx < T(d.scope_w));
-  const T y = inside ? qy : T(-1), x = inside ? qx : T(-1);
-  const T floor_y = std::floor(y), floor_x = std::floor(x);
-  return {static_cast<int>(floor_y + 1) * static_cast<int>(width) + static_cast<int>(floor_x + 1),
-          y - floor_y, x - floor_x, inside ? T(1) : T(0)};
+inline ScopeSample<T> scope_sample(const DepthwiseGeometry& d, int width, T qy, T qx) {
+  // & rather than &&, and `inside` a number: no branches, so that the calling loops vectorise.
+  const T inside = T((qy > T(-1)) & (qy < T(d.scope_h)) & (qx > T(-1)) & (qx < T(d.scope_w)));
+  // In padded coordinates the point is positive inside, so truncation is the floor; outside
+  // (NaN included) it moves to cell (0, 0) before any conversion to int.
+  const T y = inside > 0 ? qy + 1 : T(0), x = inside > 0 ? qx + 1 : T(0);
+  const int cell_y = static_cast<int>(y), cell_x = static_cast<int>(x);
+  return {cell_y * width + cell_x, y - T(cell_y), x - T(cell_x), inside};
 }
 
 // The bilinear blend of the sample's four cells, top-left, top-right, bottom-left, bottom-right.
@@ -468,139 +533,259 @@ inline T blend(const ScopeSample<T>& s, T p00, T p01, T p10, T p11) {
   return (1 - s.ly) * ((1 - s.lx) * p00 + s.lx * p01) + s.ly * ((1 - s.lx) * p10 + s.lx * p11);
 }
 
-// The output columns [begin, end) whose tap at column offset j * dilation reads inside the image.
-inline std::pair<int64_t, int64_t> reading_columns(const DepthwiseGeometry& d, int64_t j) {
-  const int64_t shift = d.pad_w - j * d.dilation_w;  // out_x * stride - shift is the input column
-  const int64_t begin = shift > 0 ? (shift + d.stride_w - 1) / d.stride_w : 0;
-  const int64_t end = d.width - 1 + shift >= 0 ? (d.width - 1 + shift) / d.stride_w + 1 : 0;
-  return {std::min(begin, d.out_w), std::clamp<int64_t>(end, begin, d.out_w)};
+// The 4 x 4 scope cells around a tap's rigid scope point. A point whose four cells lie among
+// them (its offset within about 1.5 cells of the rigid point, where trained offsets mostly
+// stay) is sampled from them as the sum of tent-weighted cells,
+//   W(q) = sum_a t(q_y - a) sum_b t(q_x - b) cell[a][b],   t(d) = max(0, 1 - |d|),
+// which is the bilinear blend: no gathers, so the loops vectorise on any x86-64-v3 CPU. The
+// other points (and non-finite ones) are sampled exactly in a scalar pass.
+template <typename T>
+struct ScopeWindow {
+  static constexpr int kSize = 4;
+  int64_t first_y, first_x;  // scope coordinates of the window's top-left cell
+  T rigid_y, rigid_x;        // window coordinates of the tap's rigid scope point
+  T low_y, high_y, low_x, high_x;  // the scope, (-1, S) in window coordinates
+  T cells[kSize * kSize];          // zero outside the scope
+
+  ScopeWindow(const DepthwiseGeometry& d, const T* scope, int64_t i, int64_t j)
+      : first_y(static_cast<int64_t>(std::floor(d.origin_h + i)) - 1),
+        first_x(static_cast<int64_t>(std::floor(d.origin_w + j)) - 1),
+        rigid_y(T(d.origin_h + i - first_y)),
+        rigid_x(T(d.origin_w + j - first_x)),
+        low_y(T(-1 - first_y)),
+        high_y(T(d.scope_h - first_y)),
+        low_x(T(-1 - first_x)),
+        high_x(T(d.scope_w - first_x)) {
+    for (int a = 0; a < kSize; ++a) {
+      for (int b = 0; b < kSize; ++b) {
+        const int64_t y = first_y + a, x = first_x + b;
+        const bool in_scope = y >= 0 && y < d.scope_h && x >= 0 && x < d.scope_w;
+        cells[a * kSize + b] = in_scope ? scope[y * d.scope_w + x] : T(0);
+      }
+    }
+  }
+
+  // 1 where the point (window coordinates) has its four cells in the window, else 0 (NaN too).
+  static T holds(T y, T x) {
+    return T((y >= T(0)) & (y < T(kSize - 1)) & (x >= T(0)) & (x < T(kSize - 1)));
+  }
+  // 1 inside the scope's (-1, S) x (-1, S), where the sample has a gradient.
+  T inside(T y, T x) const {
+    return T((y > low_y) & (y < high_y) & (x > low_x) & (x < high_x));
+  }
+};
+
+// The tent weight t(e) = max(0, 1 - |e|) of a cell at distance e, zero unless `held`. (No
+// std::abs: a function defined before the pragma above is not inlined into these loops, and a
+// call keeps them from vectorising.)
+template <typename T>
+inline T tent(T e, T held) {
+  const T t = 1 - (e < T(0) ? -e : e);
+  return (held > 0) & (t > 0) ? t : T(0);
 }
+
+// The slope of a held point's blend along one axis, where `sums` are the window's rows (or
+// columns) blended along the other axis: sums[f + 1] - sums[f] for the point's top-left window
+// cell f. (A point on a cell edge takes the cell below or to its right as its top-left one, as
+// the bilinear rule does.)
+template <typename T>
+inline T window_slope(T r, const T (&sums)[4]) {
+  const T d0 = sums[1] - sums[0], d1 = sums[2] - sums[1], d2 = sums[3] - sums[2];
+  return r >= T(2) ? d2 : (r >= T(1) ? d1 : d0);
+}
+
+// The exact sample of the scope point (q_y, q_x) from the padded scope, for the points the
+// window does not hold.
+template <typename T>
+struct ExactSample {
+  ScopeSample<T> at;
+  T p00, p01, p10, p11;
+
+  ExactSample(const DepthwiseGeometry& d, const PaddedScope<T>& padded, T qy, T qx) {
+    const int pw = static_cast<int>(padded.width);
+    at = scope_sample(d, pw, qy, qx);
+    const T* cell = &padded.cells[at.top_left];
+    p00 = cell[0], p01 = cell[1], p10 = cell[pw], p11 = cell[pw + 1];
+  }
+  T weight() const { return at.inside * blend(at, p00, p01, p10, p11); }
+  T slope_y() const { return at.inside * ((1 - at.lx) * (p10 - p00) + at.lx * (p11 - p01)); }
+  T slope_x() const { return at.inside * ((1 - at.ly) * (p01 - p00) + at.ly * (p11 - p10)); }
+};
 
 template <typename T>
 DK_VECTOR_CLONES void forward_channel(const DepthwiseGeometry& d, const T* input,
                                       const T* scope, const T* kernel_offset, T* output,
                                       int64_t c) {
-  const PaddedScope<T> padded(d, scope + c * d.cells);
-  const T* __restrict p = padded.cells.data();
-  const int pw = static_cast<int>(padded.width);
+  constexpr int kSize = ScopeWindow<T>::kSize;
+  const T* channel_scope = scope + c * d.cells;
+  const PaddedScope<T> padded(d, channel_scope);
+  PaddedPlane<T> image(d);
+  const int64_t positions = d.positions;  // a local: the stores to out cannot change it
+  std::vector<T> tap_values(positions);
+  const T* __restrict column = tap_values.data();
   for (int64_t n = 0; n < d.batch; ++n) {
-    const T* image = input + (n * d.channels + c) * d.height * d.width;
+    image.copy_in(d, input + (n * d.channels + c) * d.height * d.width);
     T* __restrict out = output + (n * d.channels + c) * d.positions;
     std::fill(out, out + d.positions, T(0));
     for (int64_t i = 0; i < d.kernel_h; ++i) {
       for (int64_t j = 0; j < d.kernel_w; ++j) {
-        const T* dy = kernel_offset + d.kernel_offset_index(n, c, i * d.kernel_w + j, 0);
-        const T* dx = dy + d.positions;
-        const T origin_y = T(d.origin_h + i), origin_x = T(d.origin_w + j);
-        const auto [begin, end] = reading_columns(d, j);
-        for (int64_t out_y = 0; out_y < d.out_h; ++out_y) {
-          const int64_t y = d.tap_y(out_y, i);
-          if (y < 0 || y >= d.height) continue;
-          const T* __restrict row = image + y * d.width + d.tap_x(0, j);
-          const int64_t first = out_y * d.out_w;
-#pragma omp simd
-          for (int64_t out_x = begin; out_x < end; ++out_x) {
-            const auto s = scope_sample(d, pw, origin_y + dy[first + out_x],
-                                        origin_x + dx[first + out_x]);
-            const T w = s.inside * blend(s, p[s.top_left], p[s.top_left + 1], p[s.top_left + pw],
-                                         p[s.top_left + pw + 1]);
-            out[first + out_x] += row[out_x * d.stride_w] * w;
+        image.tap_column(d, i, j, tap_values.data());
+        const ScopeWindow<T> window(d, channel_scope, i, j);
+        const T* __restrict dy = kernel_offset + d.kernel_offset_index(n, c, i * d.kernel_w + j, 0);
+        const T* __restrict dx = dy + d.positions;
+        T misses = 0;
+#pragma omp simd reduction(+ : misses)
+        for (int64_t k = 0; k < positions; ++k) {
+          const T ry = window.rigid_y + dy[k], rx = window.rigid_x + dx[k];
+          const T held = ScopeWindow<T>::holds(ry, rx);
+          T ty[kSize], tx[kSize];
+#pragma GCC unroll 4
+          for (int a = 0; a < kSize; ++a) {
+            ty[a] = tent(ry - T(a), held);
+            tx[a] = tent(rx - T(a), held);
           }
+          T w = 0;
+#pragma GCC unroll 4
+          for (int a = 0; a < kSize; ++a) {
+            T row = 0;
+#pragma GCC unroll 4
+            for (int b = 0; b < kSize; ++b) row += tx[b] * window.cells[a * kSize + b];
+            w += ty[a] * row;
+          }
+          out[k] += column[k] * w;
+          misses += 1 - held;
+        }
+        if (misses == 0) continue;
+        for (int64_t k = 0; k < positions; ++k) {
+          const T ry = window.rigid_y + dy[k], rx = window.rigid_x + dx[k];
+          if (ScopeWindow<T>::holds(ry, rx) > 0) continue;
+          const ExactSample<T> sample(d, padded, T(d.origin_h + i) + dy[k],
+                                      T(d.origin_w + j) + dx[k]);
+          out[k] += column[k] * sample.weight();
         }
       }
     }
   }
 }
 
-// The gradients of channel c; grad_scope_cells and the row buffers are the thread's own.
+// The gradients of channel c; the position buffers are the thread's own.
 template <typename T>
 DK_VECTOR_CLONES void backward_channel(const DepthwiseGeometry& d, const T* input,
                                        const T* scope, const T* kernel_offset,
                                        const T* grad_output, T* grad_input, T* grad_scope,
                                        T* grad_kernel_offset, int64_t c) {
-  const PaddedScope<T> padded(d, scope + c * d.cells);
-  const T* __restrict p = padded.cells.data();
+  constexpr int kSize = ScopeWindow<T>::kSize;
+  const T* channel_scope = scope + c * d.cells;
+  const PaddedScope<T> padded(d, channel_scope);
   const int pw = static_cast<int>(padded.width);
-  std::vector<T> grad_cells(padded.cells.size(), T(0));
-  // Per output column of a row, from a loop without branches that vectorises: the sample's cell,
-  // weights and dL/dW(q), for the scatter into grad_cells (a loop of its own: AVX2 has no vector
-  // scatter), its input gradient and its offset gradients.
-  std::vector<int> row_cell(d.out_w);
-  std::vector<T> row_ly(d.out_w), row_lx(d.out_w), row_grad(d.out_w), row_input_grad(d.out_w);
-  std::vector<T> row_grad_dy(d.out_w), row_grad_dx(d.out_w);
+  // The scope gradient: the windows' sums, and the exact samples' scatter into the padded cells.
+  std::vector<T> scope_grad(d.cells, T(0)), padded_grad(padded.cells.size(), T(0));
+  PaddedPlane<T> image(d), grad_image(d);
+  const int64_t positions = d.positions;
+  // Per output position: what the tap reads, the input gradient of that pixel, and dL/dW(q)
+  // times the window rows' tent weights and the columns' tent weights, whose products summed
+  // over the positions are the window cells' gradients.
+  std::vector<T> buffers((4 + 2 * kSize) * positions);
+  T* __restrict column = buffers.data();
+  T* __restrict input_grads = column + positions;
+  T* __restrict unused_offset_grads = input_grads + positions;  // 2 planes: where unwanted go
+  T* __restrict row_grads = unused_offset_grads + 2 * positions;  // kSize planes
+  T* __restrict column_tents = row_grads + kSize * positions;      // kSize planes
   for (int64_t n = 0; n < d.batch; ++n) {
     const int64_t plane = (n * d.channels + c) * d.height * d.width;
-    const T* image = input + plane;
-    T* grad_image = grad_input ? grad_input + plane : nullptr;
-    const T* __restrict go = grad_output + (n * d.channels + c) * d.positions;
+    image.copy_in(d, input + plane);
+    std::fill(grad_image.cells.begin(), grad_image.cells.end(), T(0));
+    const T* __restrict go = grad_output + (n * d.channels + c) * positions;
     for (int64_t i = 0; i < d.kernel_h; ++i) {
       for (int64_t j = 0; j < d.kernel_w; ++j) {
+        image.tap_column(d, i, j, column);
+        const ScopeWindow<T> window(d, channel_scope, i, j);
         const int64_t offset_index = d.kernel_offset_index(n, c, i * d.kernel_w + j, 0);
-        const T* dy = kernel_offset + offset_index;
-        const T* dx = dy + d.positions;
-        T* grad_dy = grad_kernel_offset ? grad_kernel_offset + offset_index : nullptr;
-        T* grad_dx = grad_dy ? grad_dy + d.positions : nullptr;
-        const T origin_y = T(d.origin_h + i), origin_x = T(d.origin_w + j);
-        const auto [begin, end] = reading_columns(d, j);
-        for (int64_t out_y = 0; out_y < d.out_h; ++out_y) {
-          const int64_t y = d.tap_y(out_y, i);
-          const int64_t first = out_y * d.out_w;
-          const bool row_inside = y >= 0 && y < d.height;
-          if (grad_dy) {  // the taps that read outside the image get no gradient
-            const int64_t zero_end = row_inside ? begin : d.out_w;
-            std::fill(grad_dy + first, grad_dy + first + zero_end, T(0));
-            std::fill(grad_dx + first, grad_dx + first + zero_end, T(0));
-            if (row_inside) {
-              std::fill(grad_dy + first + end, grad_dy + first + d.out_w, T(0));
-              std::fill(grad_dx + first + end, grad_dx + first + d.out_w, T(0));
+        const T* __restrict dy = kernel_offset + offset_index;
+        const T* __restrict dx = dy + positions;
+        T* __restrict grad_dy =
+            grad_kernel_offset ? grad_kernel_offset + offset_index : unused_offset_grads;
+        T* __restrict grad_dx = grad_dy + positions;
+        T misses = 0;
+#pragma omp simd reduction(+ : misses)
+        for (int64_t k = 0; k < positions; ++k) {
+          const T ry = window.rigid_y + dy[k], rx = window.rigid_x + dx[k];
+          const T held = ScopeWindow<T>::holds(ry, rx);
+          T ty[kSize], tx[kSize];
+#pragma GCC unroll 4
+          for (int a = 0; a < kSize; ++a) {
+            ty[a] = tent(ry - T(a), held);
+            tx[a] = tent(rx - T(a), held);
+          }
+          // rows[a] = sum_b t_x(b) cell[a][b], columns[a] = sum_b t_y(b) cell[b][a]
+          T rows[kSize], columns[kSize];
+#pragma GCC unroll 4
+          for (int a = 0; a < kSize; ++a) {
+            rows[a] = columns[a] = 0;
+#pragma GCC unroll 4
+            for (int b = 0; b < kSize; ++b) {
+              rows[a] += tx[b] * window.cells[a * kSize + b];
+              columns[a] += ty[b] * window.cells[b * kSize + a];
             }
           }
-          if (!row_inside) continue;
-          const T* __restrict row = image + y * d.width + d.tap_x(0, j);
-#pragma omp simd
-          for (int64_t out_x = begin; out_x < end; ++out_x) {
-            const auto s = scope_sample(d, pw, origin_y + dy[first + out_x],
-                                        origin_x + dx[first + out_x]);
-            const T p00 = p[s.top_left], p01 = p[s.top_left + 1];
-            const T p10 = p[s.top_left + pw], p11 = p[s.top_left + pw + 1];
-            const T g = go[first + out_x] * s.inside;
-            const T v = g * row[out_x * d.stride_w];  // dL/dW(q)
-            row_cell[out_x] = s.top_left;
-            row_ly[out_x] = s.ly;
-            row_lx[out_x] = s.lx;
-            row_grad[out_x] = v;
-            row_input_grad[out_x] = g * blend(s, p00, p01, p10, p11);
-            row_grad_dy[out_x] = v * ((1 - s.lx) * (p10 - p00) + s.lx * (p11 - p01));
-            row_grad_dx[out_x] = v * ((1 - s.ly) * (p01 - p00) + s.ly * (p11 - p10));
+          T w = 0;
+#pragma GCC unroll 4
+          for (int a = 0; a < kSize; ++a) w += ty[a] * rows[a];
+          const T w_dy = window_slope(ry, rows), w_dx = window_slope(rx, columns);
+          const T g = go[k];
+          const T v = g * column[k];  // dL/dW(q)
+          const T inside = window.inside(ry, rx);
+          grad_dy[k] = v * inside * w_dy;
+          grad_dx[k] = v * inside * w_dx;
+          input_grads[k] = g * w;
+#pragma GCC unroll 4
+          for (int a = 0; a < kSize; ++a) {
+            row_grads[a * positions + k] = v * ty[a];
+            column_tents[a * positions + k] = tx[a];
           }
-          if (grad_image) {
-            T* grad_row = grad_image + y * d.width + d.tap_x(0, j);
-            for (int64_t out_x = begin; out_x < end; ++out_x) {
-              grad_row[out_x * d.stride_w] += row_input_grad[out_x];
-            }
-          }
-          if (grad_dy) {
-            std::copy(&row_grad_dy[begin], &row_grad_dy[end], grad_dy + first + begin);
-            std::copy(&row_grad_dx[begin], &row_grad_dx[end], grad_dx + first + begin);
-          }
-          if (grad_scope) {
-            for (int64_t out_x = begin; out_x < end; ++out_x) {
-              const T ly = row_ly[out_x], lx = row_lx[out_x], v = row_grad[out_x];
-              T* cell = &grad_cells[row_cell[out_x]];
-              cell[0] += (1 - ly) * (1 - lx) * v;
-              cell[1] += (1 - ly) * lx * v;
-              cell[pw] += ly * (1 - lx) * v;
-              cell[pw + 1] += ly * lx * v;
-            }
+          misses += 1 - held;
+        }
+        // The window cells' gradients: sum_k v t_y(a) t_x(b), for the cells inside the scope.
+        for (int a = 0; a < kSize; ++a) {
+          for (int b = 0; b < kSize; ++b) {
+            const int64_t y = window.first_y + a, x = window.first_x + b;
+            if (y < 0 || y >= d.scope_h || x < 0 || x >= d.scope_w) continue;
+            const T* __restrict va = row_grads + a * positions;
+            const T* __restrict tb = column_tents + b * positions;
+            T sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t k = 0; k < positions; ++k) sum += va[k] * tb[k];
+            scope_grad[y * d.scope_w + x] += sum;
           }
         }
+        if (misses > 0) {
+          for (int64_t k = 0; k < positions; ++k) {
+            const T ry = window.rigid_y + dy[k], rx = window.rigid_x + dx[k];
+            if (ScopeWindow<T>::holds(ry, rx) > 0) continue;
+            const ExactSample<T> sample(d, padded, T(d.origin_h + i) + dy[k],
+                                        T(d.origin_w + j) + dx[k]);
+            const T g = go[k] * sample.at.inside;
+            const T v = g * column[k];
+            grad_dy[k] = v * sample.slope_y();
+            grad_dx[k] = v * sample.slope_x();
+            input_grads[k] = g * blend(sample.at, sample.p00, sample.p01, sample.p10, sample.p11);
+            T* cell = &padded_grad[sample.at.top_left];
+            cell[0] += (1 - sample.at.ly) * (1 - sample.at.lx) * v;
+            cell[1] += (1 - sample.at.ly) * sample.at.lx * v;
+            cell[pw] += sample.at.ly * (1 - sample.at.lx) * v;
+            cell[pw + 1] += sample.at.ly * sample.at.lx * v;
+          }
+        }
+        if (grad_input) grad_image.add_tap_column(d, i, j, input_grads);
       }
     }
+    if (grad_input) grad_image.copy_out(d, grad_input + plane);
   }
   if (grad_scope) {
     for (int64_t y = 0; y < d.scope_h; ++y) {
       for (int64_t x = 0; x < d.scope_w; ++x) {
-        grad_scope[c * d.cells + y * d.scope_w + x] = grad_cells[(y + 1) * pw + x + 1];
+        grad_scope[c * d.cells + y * d.scope_w + x] =
+            scope_grad[y * d.scope_w + x] + padded_grad[(y + 1) * pw + x + 1];
       }
     }
   }
@@ -637,6 +822,10 @@ bool per_channel(const DepthwiseOperands& t) {
   return t.g.kernel_offset_groups == t.g.in_channels && !t.data_offset.defined() &&
          !t.mask.defined();
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 }  // namespace
 
