@@ -9,9 +9,9 @@ arrays live there), spill stores and loads, and static shared memory; this tool 
 
 Dynamic shared memory is 0 for all of them: DK_LAUNCH (dk_ops/csrc/cuda/launch.cuh) launches
 every kernel with none. The hot kernels, HOT_KERNELS, are those that sample for every element
-of a local or global DK layer (the opt-in implicit GEMMs among them): a stack frame or a spill
-there costs local-memory traffic on every element, so the tool exits with status 1 if one has
-either.
+of a local, global or depthwise DK layer (the opt-in implicit GEMMs among them): a stack frame
+or a spill there costs local-memory traffic on every element, so the tool exits with status 1 if
+one has either.
 """
 import argparse
 import dataclasses
@@ -19,11 +19,13 @@ import re
 import subprocess
 import sys
 
-# The sampling passes of the columns path, of the implicit GEMMs and of the global path.
+# The sampling passes of the columns path, of the implicit GEMMs, of the global path and of the
+# depthwise path (whose other kernels share the columns path's names).
 HOT_KERNELS = ('scope_columns_kernel', 'input_grad_rigid_kernel', 'input_grad_atomic_kernel',
                'kernel_offset_grad_kernel', 'data_offset_and_mask_grad_kernel',
                'global_filters_kernel', 'global_weight_grad_kernel',
-               'global_offset_grad_kernel', 'forward_kernel', 'weight_grad_kernel')
+               'global_offset_grad_kernel', 'forward_kernel', 'weight_grad_kernel',
+               'scope_grad_kernel')
 
 COLUMNS = ('kernel', 'registers/thread', 'spill stores', 'spill loads', 'stack',
            'static smem', 'dynamic smem')

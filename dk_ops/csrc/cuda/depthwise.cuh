@@ -22,12 +22,10 @@
 #include "../depthwise.h"
 #include "../sampling.h"
 #include "launch.cuh"
+#include "pass_sums.cuh"
 
 namespace dk_ops::cuda_kernels {
 namespace depthwise {
-
-// Scope cells whose sums one thread of the scope gradient keeps at a time.
-constexpr int kCellsPerPass = 16;
 
 // The operands as raw pointers (mask and data offset null where absent), passed by value.
 template <typename scalar_t>
@@ -203,14 +201,16 @@ __global__ void scope_grad_kernel(const __grid_constant__ View<scalar_t> v,
                                   const scalar_t* grad_output,
                                   at::opmath_type<scalar_t>* grad_scope) {
   using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t block_sums[kCellsPerPass][kThreadsPerBlock];
   __shared__ acc_t warp_sums[kThreadsPerBlock / kWarpSize][kCellsPerPass];
+  const PassSums<acc_t> sums{&block_sums[0][threadIdx.x]};
   const auto& d = v.d;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t items = d.batch * d.positions * d.taps;
   for (int64_t c = blockIdx.x; c < d.channels; c += gridDim.x) {
     const int64_t kg = c / d.kernel_group_channels, dg = c / d.deform_group_channels;
     for (int64_t pass_begin = 0; pass_begin < d.cells; pass_begin += kCellsPerPass) {
-      acc_t sums[kCellsPerPass] = {};
+      sums.zero();
       for (int64_t item = threadIdx.x; item < items; item += blockDim.x) {
         const int64_t tap = item % d.taps, position = (item / d.taps) % d.positions;
         const int64_t n = item / (d.taps * d.positions);
