@@ -31,9 +31,10 @@ def test_spent_budget_skips_every_step_and_still_writes_the_report(tmp_path):
     assert not build_dir.exists()
     # the tests and every benchmark have their section, saying that they did not run
     for name in ('Op tests', 'bench_op_float32', 'bench_op_tf32', 'bench_op_bfloat16_batch8',
-                 'bench_op_depthwise', 'bench_backbone_float32', 'bench_backbone_amp_bfloat16'):
+                 'bench_op_depthwise', 'bench_backbone_float32', 'bench_backbone_amp_bfloat16',
+                 'bench_rtmdet_float32'):
         assert f'## {name}' in report
-    assert report.count('(not run)') == 7
+    assert report.count('(not run)') == 8
 
 
 def test_sanitizer_problems_run_every_path_on_the_cpu():

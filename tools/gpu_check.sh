@@ -2,10 +2,11 @@
 # The GPU check in one call, within 8 minutes on one GPU (so that a rerun still fits a 15-minute
 # GPU slot), on a machine with a CUDA build of PyTorch and torchvision (no mmcv needed): builds
 # dk_ops for this GPU's architecture only, runs the CUDA tests and the CPU op tests in parallel,
-# the op benchmark (float32, TF32, bfloat16 at batch 8), the backbone and detector benchmark
-# (float32 and AMP), a compute-sanitizer memcheck slice, and compute-sanitizer's racecheck,
-# synccheck and initcheck on one small float32 problem per path of the op, each step under a time
-# budget, and writes one Markdown report, LOG_DIR/report.md (each step's log beside it).
+# the op benchmark (float32, TF32, bfloat16 at batch 8, depthwise), the backbone and detector
+# benchmark (float32 and AMP), the RTMDet-s backbone's training step (float32, torch alone), a
+# compute-sanitizer memcheck slice, and compute-sanitizer's racecheck, synccheck and initcheck on
+# one small float32 problem per path of the op, each step under a time budget, and writes one
+# Markdown report, LOG_DIR/report.md (each step's log beside it).
 # docs/gpu.md says what the numbers mean and which targets they are held to.
 #
 #     bash tools/gpu_check.sh [--dry-run] [LOG_DIR]       # LOG_DIR: work_dirs/gpu_check
@@ -109,6 +110,7 @@ if [ "$DRY_RUN" = 1 ]; then
     op_bench=(--device cpu --shrink 8 --repeats 1)
     column_mib=(--column-mib 1)
     backbone_bench=(--device cpu --batch 1 --image-size 64 64 --repeats 1)
+    rtmdet_bench=(--device cpu --batch 1 --image-size 64 64 --repeats 1)
     # AMP on a CPU: rigid alone, to keep the dry run short (torchvision's DCN cannot run it).
     amp_variants=(--variants rigid)
 else
@@ -121,6 +123,7 @@ else
     # never timed against others.
     column_mib=(--column-mib 64 256)
     backbone_bench=(--device cuda --repeats 10)
+    rtmdet_bench=(--device cuda --batch 8 --image-size 640 640 --repeats 10)
     amp_variants=()
     smi=$(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
         --format=csv,noheader 2>&1 | head -n 1)
@@ -202,6 +205,8 @@ tests_and_benchmarks() {
         --json "$LOG_DIR/bench_backbone_float32.json"
     step bench_backbone_amp_bfloat16 90 "$PYTHON" $bench "${backbone_bench[@]}" --amp bfloat16 \
         "${amp_variants[@]}" --json "$LOG_DIR/bench_backbone_amp_bfloat16.json"
+    step bench_rtmdet_float32 60 "$PYTHON" tools/analysis_tools/benchmark_rtmdet.py \
+        "${rtmdet_bench[@]}" --json "$LOG_DIR/bench_rtmdet_float32.json"
 
     local sanitizer
     sanitizer=$(command -v compute-sanitizer ||
@@ -284,7 +289,7 @@ tables() {  # the header line and the Markdown table of a benchmark's log
         printf '\n## %s (forward + backward of the op)\n\n' "$name"
         tables "$name"
     done
-    for name in bench_backbone_float32 bench_backbone_amp_bfloat16; do
+    for name in bench_backbone_float32 bench_backbone_amp_bfloat16 bench_rtmdet_float32; do
         printf '\n## %s (training step, ratios to rigid)\n\n' "$name"
         tables "$name"
     done

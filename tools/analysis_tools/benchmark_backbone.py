@@ -43,6 +43,7 @@ if importlib.util.find_spec('dk_ops') is None:
 
 import dk_ops  # noqa: E402
 from benchmark_op import median_times  # noqa: E402
+from training_step import Trainee, deform_kernel_from_rigid  # noqa: E402
 
 LABELS = {
     'rigid': 'rigid',
@@ -78,16 +79,6 @@ class TorchvisionDCN(nn.Module):
     def forward(self, x):
         return deform_conv2d(x, self.offset_conv(x), self.weight, stride=self.stride,
                              padding=self.padding, dilation=self.dilation)
-
-
-def deform_kernel_from_rigid(layer_class, rigid: nn.Conv2d) -> nn.Module:
-    """A dk_ops layer (default scope: 4x4 for 3x3) whose zero-offset kernel is ``rigid``'s."""
-    layer = layer_class(rigid.in_channels, rigid.out_channels, rigid.kernel_size,
-                        stride=rigid.stride, padding=rigid.padding, dilation=rigid.dilation,
-                        groups=rigid.groups, bias=False)  # ResNet's convs have none: BN follows
-    with torch.no_grad():
-        layer.weight.copy_(dk_ops.rigid_to_scope(rigid.weight, layer.scope_size))
-    return layer
 
 
 REPLACEMENTS = {
@@ -169,56 +160,6 @@ def training_loss(model, inputs):
     return F.cross_entropy(model(images), labels)
 
 
-def tensor_bytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-class Trainee:
-    """One variant's model, SGD optimizer (mmdet's momentum and decay) and step function.
-
-    ``step`` records the loss of every step and, on CUDA, the step's peak memory: the peak
-    the allocator saw during the step, less what was allocated when it began (the other
-    variants' models among it), plus this model's own parameters, buffers and optimizer state.
-    """
-
-    def __init__(self, model, inputs, device, amp_dtype, seed):
-        self.model, self.inputs, self.device, self.amp_dtype = model, inputs, device, amp_dtype
-        self.seed = seed
-        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                         lr=0.01, momentum=0.9, weight_decay=1e-4)
-        # float16 needs loss scaling against underflowing gradients; bfloat16 has float32's range.
-        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-        self.losses, self.peak_bytes = [], []
-
-    def resident_bytes(self):
-        state = [t for s in self.optimizer.state.values() for t in s.values()
-                 if isinstance(t, torch.Tensor)]
-        return tensor_bytes([*self.model.parameters(), *self.model.buffers(), *state])
-
-    def step(self):
-        on_cuda = self.device.type == 'cuda'
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            start_bytes = torch.cuda.memory_allocated(self.device) - self.resident_bytes()
-        torch.manual_seed(self.seed)  # the detector's box sampling: the same in every variant
-        with torch.autocast(self.device.type, dtype=self.amp_dtype,
-                            enabled=self.amp_dtype is not None):
-            loss = training_loss(self.model, self.inputs)
-        if self.scaler is None:
-            loss.backward()
-            self.optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        # Gradients freed here, not kept until the next step, so that they count in this step's
-        # peak and not in the start of the other variants' steps.
-        self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(loss.item())
-        if on_cuda:
-            self.peak_bytes.append(torch.cuda.max_memory_allocated(self.device) - start_bytes)
-
-
 def check_autocast_support(variants, device):
     """--amp on a device where an op has no autocast kernel fails deep inside the op (dtype
     mismatch): say which variants cannot run instead."""
@@ -250,7 +191,8 @@ def benchmark_model(model_name, args, device, amp_dtype):
     """One row (a dict) per variant of ``model_name``, in the order of args.variants."""
     models = build_variants(model_name, args.variants, args.image_size, args.seed)
     inputs = make_inputs(model_name, args.batch, args.image_size, device, args.seed)
-    trainees = [Trainee(model.to(device), inputs, device, amp_dtype, args.seed)
+    trainees = [Trainee(model.to(device), training_loss, inputs, device, amp_dtype,
+                        args.seed)
                 for model in models.values()]
     seconds = median_times([t.step for t in trainees], device, args.repeats)
     rows = []
