@@ -23,8 +23,6 @@ import collections
 import copy
 import functools
 import importlib.util
-import json
-import math
 import os.path as osp
 import sys
 
@@ -42,8 +40,9 @@ if importlib.util.find_spec('dk_ops') is None:
     sys.path.insert(0, REPO_ROOT)
 
 import dk_ops  # noqa: E402
-from benchmark_op import median_times  # noqa: E402
-from training_step import Trainee, deform_kernel_from_rigid  # noqa: E402
+from training_step import (Trainee, add_step_arguments, check_step_arguments,  # noqa: E402
+                           deform_kernel_from_rigid, finish_report, settings_line,
+                           timed_rows)
 
 LABELS = {
     'rigid': 'rigid',
@@ -194,30 +193,12 @@ def benchmark_model(model_name, args, device, amp_dtype):
     trainees = [Trainee(model.to(device), training_loss, inputs, device, amp_dtype,
                         args.seed)
                 for model in models.values()]
-    seconds = median_times([t.step for t in trainees], device, args.repeats)
-    rows = []
-    for variant, trainee, time_ in zip(args.variants, trainees, seconds):
-        rows.append({
-            'model': model_name,
-            'variant': variant,
-            # what ran: {class name: count} of the conv2 of layer2-4
-            'layers': dict(collections.Counter(
-                type(conv).__name__ for _, conv in replaced_convs(trainee.model))),
-            'step_ms': time_ * 1e3,
-            # the timed rounds; the first step (round 0) warmed up
-            'peak_mib': max(trainee.peak_bytes[1:]) / 2**20 if trainee.peak_bytes else None,
-            'first_loss': trainee.losses[0],
-            'last_loss': trainee.losses[-1],
-        })
-    rigid = rows[0]
+    # what ran: {class name: count} of the conv2 of layer2-4
+    rows = timed_rows(trainees, args.variants, lambda model: dict(collections.Counter(
+        type(conv).__name__ for _, conv in replaced_convs(model))), device, args.repeats)
     torchvision_dcn = next((row for row in rows if row['variant'] == 'torchvision_dcn'), None)
     for row in rows:
-        row['time_ratio'] = row['step_ms'] / rigid['step_ms']
-        row['memory_ratio'] = (row['peak_mib'] / rigid['peak_mib']
-                               if row['peak_mib'] is not None else None)
-        row['first_loss_gap'] = abs(row['first_loss'] - rigid['first_loss']) / abs(
-            rigid['first_loss'])
-    for row in rows:
+        row['model'] = model_name
         row['target_met'] = judge(row, torchvision_dcn, device)
     return rows
 
@@ -242,27 +223,9 @@ def markdown_row(row):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--models', nargs='+', choices=list(MODELS), default=list(MODELS))
-    parser.add_argument('--variants', nargs='+', choices=list(LABELS), default=list(LABELS),
-                        help='rigid, the reference of the ratios, first whether named or not')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--batch', type=int, default=2)
-    parser.add_argument('--image-size', type=int, nargs=2, default=[800, 1333],
-                        metavar=('HEIGHT', 'WIDTH'))
-    parser.add_argument('--repeats', type=int, default=10, help='timed rounds (after one warm-up)')
-    parser.add_argument('--amp', choices=['bfloat16', 'float16'], default=None,
-                        help='autocast to this dtype (float16 with a gradient scaler)')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--json', help='also write the rows to this file')
+    add_step_arguments(parser, LABELS, batch=2, image_size=(800, 1333))
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.repeats < 1:
-        parser.error(f'--batch {args.batch} and --repeats {args.repeats} must be at least 1')
-    # BatchNorm in training needs more than one value per channel, also in layer4's output,
-    # which is 1/32 of the image (rounded up).
-    layer4_values = args.batch * math.prod(math.ceil(side / 32) for side in args.image_size)
-    if min(args.image_size) < 1 or layer4_values < 2:
-        parser.error(f'--image-size {args.image_size} with --batch {args.batch}: layer4 would '
-                     f'give BatchNorm one value per channel; use 64 64 or a batch of 2')
-    args.variants = ['rigid'] + [v for v in args.variants if v != 'rigid']
+    check_step_arguments(parser, args, last_stage='layer4')
     return args
 
 
@@ -272,13 +235,7 @@ def main(argv=None):
     amp_dtype = getattr(torch, args.amp) if args.amp else None
     if amp_dtype is not None:
         check_autocast_support(args.variants, device)
-    where = (f'{torch.cuda.get_device_name(device)}, TF32 in cuDNN convs '
-             f'{torch.backends.cudnn.allow_tf32}, in GEMMs {torch.backends.cuda.matmul.allow_tf32}'
-             if device.type == 'cuda' else f'threads={torch.get_num_threads()}')
-    height, width = args.image_size
-    print(f'device={device} ({where}) precision={"AMP " + args.amp if args.amp else "float32"}'
-          f' batch={args.batch} image={width}x{height} repeats={args.repeats}'
-          f' torch={torch.__version__} torchvision={torchvision.__version__}')
+    print(settings_line(args, device, torchvision=torchvision.__version__))
     print('| model | conv2 of layer2-4 | layers | step ms | x rigid | peak MiB | x rigid '
           '| step-0 loss (gap to rigid) | GPU target | met |')
     print('|---|---|---|---|---|---|---|---|---|---|')
@@ -288,19 +245,7 @@ def main(argv=None):
         for row in model_rows:
             print(markdown_row(row), flush=True)
         rows += model_rows
-    if device.type != 'cuda':
-        print('Peak memory is measured on CUDA only (torch.cuda.max_memory_allocated).')
-    not_finite = [(row['model'], row['variant']) for row in rows
-                  if not math.isfinite(row['last_loss'])]
-    if not_finite:
-        print(f'Warning: the loss became non-finite in {not_finite}: their times are not those '
-              f'of normal training')
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'device': str(device), 'where': where, 'amp': args.amp,
-                       'batch': args.batch, 'image_size': args.image_size,
-                       'repeats': args.repeats, 'torch': torch.__version__,
-                       'torchvision': torchvision.__version__, 'rows': rows}, f, indent=1)
+    finish_report(rows, args, device, torchvision=torchvision.__version__)
     return rows
 
 

@@ -24,8 +24,6 @@ import collections
 import copy
 import functools
 import importlib.util
-import json
-import math
 import os.path as osp
 import sys
 
@@ -38,8 +36,9 @@ if importlib.util.find_spec('dk_ops') is None:
     sys.path.insert(0, REPO_ROOT)
 
 import dk_ops  # noqa: E402
-from benchmark_op import median_times  # noqa: E402
-from training_step import Trainee, deform_kernel_from_rigid  # noqa: E402
+from training_step import (Trainee, add_step_arguments, check_step_arguments,  # noqa: E402
+                           deform_kernel_from_rigid, finish_report, settings_line,
+                           timed_rows)
 
 LABELS = {'rigid': 'rigid', 'dk_local': 'local DK', 'dk_global': 'global DK'}
 REPLACEMENTS = {
@@ -209,27 +208,11 @@ def benchmark(args, device, amp_dtype):
                         generator=torch.Generator().manual_seed(args.seed)).to(device)
     trainees = [Trainee(model.to(device), training_loss, images, device, amp_dtype, args.seed)
                 for model in models.values()]
-    seconds = median_times([t.step for t in trainees], device, args.repeats)
-    rows = []
-    for variant, trainee, time_ in zip(args.variants, trainees, seconds):
-        rows.append({
-            'variant': variant,
-            # what ran: {class name: count} of the depthwise convs of the CSPNeXt blocks
-            'layers': dict(collections.Counter(
-                type(module.conv).__name__ for module in depthwise_modules(trainee.model))),
-            'step_ms': time_ * 1e3,
-            # the timed rounds; the first step (round 0) warmed up
-            'peak_mib': max(trainee.peak_bytes[1:]) / 2**20 if trainee.peak_bytes else None,
-            'first_loss': trainee.losses[0],
-            'last_loss': trainee.losses[-1],
-        })
-    rigid = rows[0]
+    # what ran: {class name: count} of the depthwise convs of the CSPNeXt blocks
+    rows = timed_rows(trainees, args.variants, lambda model: dict(collections.Counter(
+        type(module.conv).__name__ for module in depthwise_modules(model))), device,
+        args.repeats)
     for row in rows:
-        row['time_ratio'] = row['step_ms'] / rigid['step_ms']
-        row['memory_ratio'] = (row['peak_mib'] / rigid['peak_mib']
-                               if row['peak_mib'] is not None else None)
-        row['first_loss_gap'] = abs(row['first_loss'] - rigid['first_loss']) / abs(
-            rigid['first_loss'])
         row['target_met'] = judge(row, device)
     return rows
 
@@ -248,27 +231,9 @@ def markdown_row(row):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--variants', nargs='+', choices=list(LABELS), default=list(LABELS),
-                        help='rigid, the reference of the ratios, first whether named or not')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--image-size', type=int, nargs=2, default=[640, 640],
-                        metavar=('HEIGHT', 'WIDTH'))
-    parser.add_argument('--repeats', type=int, default=10, help='timed rounds (after one warm-up)')
-    parser.add_argument('--amp', choices=['bfloat16', 'float16'], default=None,
-                        help='autocast to this dtype (float16 with a gradient scaler)')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--json', help='also write the rows to this file')
+    add_step_arguments(parser, LABELS, batch=8, image_size=(640, 640))
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.repeats < 1:
-        parser.error(f'--batch {args.batch} and --repeats {args.repeats} must be at least 1')
-    # BatchNorm in training needs more than one value per channel, also in stage 4's output,
-    # which is 1/32 of the image (rounded up).
-    stage4_values = args.batch * math.prod(math.ceil(side / 32) for side in args.image_size)
-    if min(args.image_size) < 1 or stage4_values < 2:
-        parser.error(f'--image-size {args.image_size} with --batch {args.batch}: stage 4 would '
-                     f'give BatchNorm one value per channel; use 64 64 or a batch of 2')
-    args.variants = ['rigid'] + [v for v in args.variants if v != 'rigid']
+    check_step_arguments(parser, args, last_stage='stage 4')
     return args
 
 
@@ -276,31 +241,14 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     amp_dtype = getattr(torch, args.amp) if args.amp else None
-    where = (f'{torch.cuda.get_device_name(device)}, TF32 in cuDNN convs '
-             f'{torch.backends.cudnn.allow_tf32}, in GEMMs {torch.backends.cuda.matmul.allow_tf32}'
-             if device.type == 'cuda' else f'threads={torch.get_num_threads()}')
-    height, width = args.image_size
-    print(f'device={device} ({where}) precision={"AMP " + args.amp if args.amp else "float32"}'
-          f' batch={args.batch} image={width}x{height} repeats={args.repeats}'
-          f' torch={torch.__version__}')
+    print(settings_line(args, device))
     print('| RTMDet-s backbone, 5x5 depthwise convs | layers | step ms | x rigid | peak MiB '
           '| x rigid | step-0 loss (gap to rigid) | GPU target | met |')
     print('|---|---|---|---|---|---|---|---|---|')
     rows = benchmark(args, device, amp_dtype)
     for row in rows:
         print(markdown_row(row), flush=True)
-    if device.type != 'cuda':
-        print('Peak memory is measured on CUDA only (torch.cuda.max_memory_allocated).')
-    not_finite = [row['variant'] for row in rows if not math.isfinite(row['last_loss'])]
-    if not_finite:
-        print(f'Warning: the loss became non-finite in {not_finite}: their times are not those '
-              f'of normal training')
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'device': str(device), 'where': where, 'amp': args.amp,
-                       'batch': args.batch, 'image_size': args.image_size,
-                       'repeats': args.repeats, 'torch': torch.__version__, 'rows': rows}, f,
-                      indent=1)
+    finish_report(rows, args, device)
     return rows
 
 
