@@ -429,33 +429,17 @@ void backward_shared(const DepthwiseOperands& t, const Tensor& grad_output,
 
 // ------------------------------------------------------------------ one offset set per channel
 
-// The per-channel kernels' loops along the output rows sample a different scope point in every
-// lane. GCC if-converts (and so vectorises) their float compares and selects only without
+// The per-channel kernels' loops over the output positions sample a different scope point in
+// every lane. GCC if-converts (and so vectorises) their float compares and selects only without
 // trapping math; these kernels never read the floating-point exception flags, so that is safe.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-// A channel's scope with a border of zeros, so that the four cells around any point inside
-// (-1, S_h) x (-1, S_w) are in memory and the cells outside the scope read zero: the loops along
-// the output rows then need no branches and vectorise (with gathers).
-template <typename T>
-struct PaddedScope {
-  int64_t width;  // S_w + 2
-  std::vector<T> cells;
-
-  PaddedScope(const DepthwiseGeometry& d, const T* scope)
-      : width(d.scope_w + 2), cells((d.scope_h + 2) * (d.scope_w + 2), T(0)) {
-    for (int64_t y = 0; y < d.scope_h; ++y) {
-      std::copy(scope + y * d.scope_w, scope + (y + 1) * d.scope_w, &cells[(y + 1) * width + 1]);
-    }
-  }
-};
-
-// An input plane with a border of zeros wide enough for every tap of every output: the loops
-// along the output rows then run over whole rows (no ragged ends that would run scalar), and a
-// tap that reads outside the image reads zero, which also zeroes its gradients.
+// An input plane with a border of zeros wide enough for every tap of every output: a tap's
+// column (tap_column) then reads whole rows, and a tap that reads outside the image reads zero,
+// which also zeroes its gradients.
 template <typename T>
 struct PaddedPlane {
   int64_t width;
@@ -480,7 +464,7 @@ struct PaddedPlane {
   }
   void copy_out(const DepthwiseGeometry& d, T* plane) const {
     for (int64_t y = 0; y < d.height; ++y) {
-      std::copy(&cells[index(d, y, 0)], &cells[index(d, y, d.width)], plane + y * d.width);
+      std::copy_n(&cells[index(d, y, 0)], d.width, plane + y * d.width);
     }
   }
   // Where tap (i, j) of output (out_y, 0) reads; output column x reads x * stride_w further.
@@ -506,32 +490,6 @@ struct PaddedPlane {
     }
   }
 };
-
-// Where a tap's scope point falls in the padded scope: the top-left cell, the fractions, and
-// whether it samples at all, as 1 or 0 (a point outside, or a non-finite offset, does not: its
-// cell is then a valid one, and the caller's products with `inside` weigh it zero).
-template <typename T>
-struct ScopeSample {
-  int top_left;
-  T ly, lx, inside;
-};
-
-template <typename T>
-inline ScopeSample<T> scope_sample(const DepthwiseGeometry& d, int width, T qy, T qx) {
-  // & rather than &&, and `inside` a number: no branches, so that the calling loops vectorise.
-  const T inside = T((qy > T(-1)) & (qy < T(d.scope_h)) & (qx > T(-1)) & (qx < T(d.scope_w)));
-  // In padded coordinates the point is positive inside, so truncation is the floor; outside
-  // (NaN included) it moves to cell (0, 0) before any conversion to int.
-  const T y = inside > 0 ? qy + 1 : T(0), x = inside > 0 ? qx + 1 : T(0);
-  const int cell_y = static_cast<int>(y), cell_x = static_cast<int>(x);
-  return {cell_y * width + cell_x, y - T(cell_y), x - T(cell_x), inside};
-}
-
-// The bilinear blend of the sample's four cells, top-left, top-right, bottom-left, bottom-right.
-template <typename T>
-inline T blend(const ScopeSample<T>& s, T p00, T p01, T p10, T p11) {
-  return (1 - s.ly) * ((1 - s.lx) * p00 + s.lx * p01) + s.ly * ((1 - s.lx) * p10 + s.lx * p11);
-}
 
 // The 4 x 4 scope cells around a tap's rigid scope point. A point whose four cells lie among
 // them (its offset within about 1.5 cells of the rigid point, where trained offsets mostly
@@ -594,23 +552,13 @@ inline T window_slope(T r, const T (&sums)[4]) {
   return r >= T(2) ? d2 : (r >= T(1) ? d1 : d0);
 }
 
-// The exact sample of the scope point (q_y, q_x) from the padded scope, for the points the
-// window does not hold.
+// The tap's scope point (q_y, q_x), located by the bilinear rule all kernels share
+// (sampling.h), for the points the window does not hold.
 template <typename T>
-struct ExactSample {
-  ScopeSample<T> at;
-  T p00, p01, p10, p11;
-
-  ExactSample(const DepthwiseGeometry& d, const PaddedScope<T>& padded, T qy, T qx) {
-    const int pw = static_cast<int>(padded.width);
-    at = scope_sample(d, pw, qy, qx);
-    const T* cell = &padded.cells[at.top_left];
-    p00 = cell[0], p01 = cell[1], p10 = cell[pw], p11 = cell[pw + 1];
-  }
-  T weight() const { return at.inside * blend(at, p00, p01, p10, p11); }
-  T slope_y() const { return at.inside * ((1 - at.lx) * (p10 - p00) + at.lx * (p11 - p01)); }
-  T slope_x() const { return at.inside * ((1 - at.ly) * (p01 - p00) + at.ly * (p11 - p10)); }
-};
+inline BilinearPoint<T> exact_scope_point(const DepthwiseGeometry& d, int64_t i, int64_t j, T dy,
+                                          T dx) {
+  return locate<T>(T(d.origin_h + i) + dy, T(d.origin_w + j) + dx, d.scope_h, d.scope_w);
+}
 
 template <typename T>
 DK_VECTOR_CLONES void forward_channel(const DepthwiseGeometry& d, const T* input,
@@ -618,7 +566,6 @@ DK_VECTOR_CLONES void forward_channel(const DepthwiseGeometry& d, const T* input
                                       int64_t c) {
   constexpr int kSize = ScopeWindow<T>::kSize;
   const T* channel_scope = scope + c * d.cells;
-  const PaddedScope<T> padded(d, channel_scope);
   PaddedPlane<T> image(d);
   const int64_t positions = d.positions;  // a local: the stores to out cannot change it
   std::vector<T> tap_values(positions);
@@ -659,9 +606,12 @@ DK_VECTOR_CLONES void forward_channel(const DepthwiseGeometry& d, const T* input
         for (int64_t k = 0; k < positions; ++k) {
           const T ry = window.rigid_y + dy[k], rx = window.rigid_x + dx[k];
           if (ScopeWindow<T>::holds(ry, rx) > 0) continue;
-          const ExactSample<T> sample(d, padded, T(d.origin_h + i) + dy[k],
-                                      T(d.origin_w + j) + dx[k]);
-          out[k] += column[k] * sample.weight();
+          T w = 0;
+          for_each_corner(exact_scope_point(d, i, j, dy[k], dx[k]), d.scope_h, d.scope_w,
+                          [&](int64_t y, int64_t x, T weight, T, T) {
+                            w += weight * channel_scope[y * d.scope_w + x];
+                          });
+          out[k] += column[k] * w;
         }
       }
     }
@@ -676,10 +626,8 @@ DK_VECTOR_CLONES void backward_channel(const DepthwiseGeometry& d, const T* inpu
                                        T* grad_kernel_offset, int64_t c) {
   constexpr int kSize = ScopeWindow<T>::kSize;
   const T* channel_scope = scope + c * d.cells;
-  const PaddedScope<T> padded(d, channel_scope);
-  const int pw = static_cast<int>(padded.width);
-  // The scope gradient: the windows' sums, and the exact samples' scatter into the padded cells.
-  std::vector<T> scope_grad(d.cells, T(0)), padded_grad(padded.cells.size(), T(0));
+  // The scope gradient: the windows' sums, and the exact samples' scatter.
+  std::vector<T> scope_grad(d.cells, T(0));
   PaddedPlane<T> image(d), grad_image(d);
   const int64_t positions = d.positions;
   // Per output position: what the tap reads, the input gradient of that pixel, and dL/dW(q)
@@ -762,18 +710,19 @@ DK_VECTOR_CLONES void backward_channel(const DepthwiseGeometry& d, const T* inpu
           for (int64_t k = 0; k < positions; ++k) {
             const T ry = window.rigid_y + dy[k], rx = window.rigid_x + dx[k];
             if (ScopeWindow<T>::holds(ry, rx) > 0) continue;
-            const ExactSample<T> sample(d, padded, T(d.origin_h + i) + dy[k],
-                                        T(d.origin_w + j) + dx[k]);
-            const T g = go[k] * sample.at.inside;
-            const T v = g * column[k];
-            grad_dy[k] = v * sample.slope_y();
-            grad_dx[k] = v * sample.slope_x();
-            input_grads[k] = g * blend(sample.at, sample.p00, sample.p01, sample.p10, sample.p11);
-            T* cell = &padded_grad[sample.at.top_left];
-            cell[0] += (1 - sample.at.ly) * (1 - sample.at.lx) * v;
-            cell[1] += (1 - sample.at.ly) * sample.at.lx * v;
-            cell[pw] += sample.at.ly * (1 - sample.at.lx) * v;
-            cell[pw + 1] += sample.at.ly * sample.at.lx * v;
+            const T g = go[k], v = g * column[k];
+            T w = 0, w_dy = 0, w_dx = 0;
+            for_each_corner(exact_scope_point(d, i, j, dy[k], dx[k]), d.scope_h, d.scope_w,
+                            [&](int64_t y, int64_t x, T weight, T weight_dy, T weight_dx) {
+                              const T cell = channel_scope[y * d.scope_w + x];
+                              w += weight * cell;
+                              w_dy += weight_dy * cell;
+                              w_dx += weight_dx * cell;
+                              scope_grad[y * d.scope_w + x] += weight * v;
+                            });
+            grad_dy[k] = v * w_dy;
+            grad_dx[k] = v * w_dx;
+            input_grads[k] = g * w;
           }
         }
         if (grad_input) grad_image.add_tap_column(d, i, j, input_grads);
@@ -781,14 +730,7 @@ DK_VECTOR_CLONES void backward_channel(const DepthwiseGeometry& d, const T* inpu
     }
     if (grad_input) grad_image.copy_out(d, grad_input + plane);
   }
-  if (grad_scope) {
-    for (int64_t y = 0; y < d.scope_h; ++y) {
-      for (int64_t x = 0; x < d.scope_w; ++x) {
-        grad_scope[c * d.cells + y * d.scope_w + x] =
-            scope_grad[y * d.scope_w + x] + padded_grad[(y + 1) * pw + x + 1];
-      }
-    }
-  }
+  if (grad_scope) std::copy(scope_grad.begin(), scope_grad.end(), grad_scope + c * d.cells);
 }
 
 template <typename T>
