@@ -561,9 +561,9 @@ inline BilinearPoint<T> exact_scope_point(const DepthwiseGeometry& d, int64_t i,
 }
 
 template <typename T>
-DK_VECTOR_CLONES void forward_channel(const DepthwiseGeometry& d, const T* input,
-                                      const T* scope, const T* kernel_offset, T* output,
-                                      int64_t c) {
+DK_WIDE_VECTOR_CLONES void forward_channel(const DepthwiseGeometry& d, const T* input,
+                                           const T* scope, const T* kernel_offset, T* output,
+                                           int64_t c) {
   constexpr int kSize = ScopeWindow<T>::kSize;
   const T* channel_scope = scope + c * d.cells;
   PaddedPlane<T> image(d);
@@ -620,25 +620,21 @@ DK_VECTOR_CLONES void forward_channel(const DepthwiseGeometry& d, const T* input
 
 // The gradients of channel c; the position buffers are the thread's own.
 template <typename T>
-DK_VECTOR_CLONES void backward_channel(const DepthwiseGeometry& d, const T* input,
-                                       const T* scope, const T* kernel_offset,
-                                       const T* grad_output, T* grad_input, T* grad_scope,
-                                       T* grad_kernel_offset, int64_t c) {
+DK_WIDE_VECTOR_CLONES void backward_channel(const DepthwiseGeometry& d, const T* input,
+                                            const T* scope, const T* kernel_offset,
+                                            const T* grad_output, T* grad_input, T* grad_scope,
+                                            T* grad_kernel_offset, int64_t c) {
   constexpr int kSize = ScopeWindow<T>::kSize;
   const T* channel_scope = scope + c * d.cells;
   // The scope gradient: the windows' sums, and the exact samples' scatter.
   std::vector<T> scope_grad(d.cells, T(0));
   PaddedPlane<T> image(d), grad_image(d);
   const int64_t positions = d.positions;
-  // Per output position: what the tap reads, the input gradient of that pixel, and dL/dW(q)
-  // times the window rows' tent weights and the columns' tent weights, whose products summed
-  // over the positions are the window cells' gradients.
-  std::vector<T> buffers((4 + 2 * kSize) * positions);
+  // Per output position: what the tap reads and the input gradient of that pixel.
+  std::vector<T> buffers(4 * positions);
   T* __restrict column = buffers.data();
   T* __restrict input_grads = column + positions;
   T* __restrict unused_offset_grads = input_grads + positions;  // 2 planes: where unwanted go
-  T* __restrict row_grads = unused_offset_grads + 2 * positions;  // kSize planes
-  T* __restrict column_tents = row_grads + kSize * positions;      // kSize planes
   for (int64_t n = 0; n < d.batch; ++n) {
     const int64_t plane = (n * d.channels + c) * d.height * d.width;
     image.copy_in(d, input + plane);
@@ -655,7 +651,12 @@ DK_VECTOR_CLONES void backward_channel(const DepthwiseGeometry& d, const T* inpu
             grad_kernel_offset ? grad_kernel_offset + offset_index : unused_offset_grads;
         T* __restrict grad_dx = grad_dy + positions;
         T misses = 0;
-#pragma omp simd reduction(+ : misses)
+        // The window cells' gradients, sum_k v t_y(a) t_x(b), as 16 named sums: GCC vectorises a
+        // reduction into scalars, but not one into an array.
+        T s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+        T s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+#pragma omp simd reduction(+ : misses, s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, \
+                               s23, s30, s31, s32, s33)
         for (int64_t k = 0; k < positions; ++k) {
           const T ry = window.rigid_y + dy[k], rx = window.rigid_x + dx[k];
           const T held = ScopeWindow<T>::holds(ry, rx);
@@ -686,24 +687,20 @@ DK_VECTOR_CLONES void backward_channel(const DepthwiseGeometry& d, const T* inpu
           grad_dy[k] = v * inside * w_dy;
           grad_dx[k] = v * inside * w_dx;
           input_grads[k] = g * w;
-#pragma GCC unroll 4
-          for (int a = 0; a < kSize; ++a) {
-            row_grads[a * positions + k] = v * ty[a];
-            column_tents[a * positions + k] = tx[a];
-          }
+          const T v0 = v * ty[0], v1 = v * ty[1], v2 = v * ty[2], v3 = v * ty[3];
+          s00 += v0 * tx[0]; s01 += v0 * tx[1]; s02 += v0 * tx[2]; s03 += v0 * tx[3];
+          s10 += v1 * tx[0]; s11 += v1 * tx[1]; s12 += v1 * tx[2]; s13 += v1 * tx[3];
+          s20 += v2 * tx[0]; s21 += v2 * tx[1]; s22 += v2 * tx[2]; s23 += v2 * tx[3];
+          s30 += v3 * tx[0]; s31 += v3 * tx[1]; s32 += v3 * tx[2]; s33 += v3 * tx[3];
           misses += 1 - held;
         }
-        // The window cells' gradients: sum_k v t_y(a) t_x(b), for the cells inside the scope.
+        const T cell_grads[kSize * kSize] = {s00, s01, s02, s03, s10, s11, s12, s13,
+                                             s20, s21, s22, s23, s30, s31, s32, s33};
         for (int a = 0; a < kSize; ++a) {
           for (int b = 0; b < kSize; ++b) {
             const int64_t y = window.first_y + a, x = window.first_x + b;
             if (y < 0 || y >= d.scope_h || x < 0 || x >= d.scope_w) continue;
-            const T* __restrict va = row_grads + a * positions;
-            const T* __restrict tb = column_tents + b * positions;
-            T sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t k = 0; k < positions; ++k) sum += va[k] * tb[k];
-            scope_grad[y * d.scope_w + x] += sum;
+            scope_grad[y * d.scope_w + x] += cell_grads[a * kSize + b];
           }
         }
         if (misses > 0) {
