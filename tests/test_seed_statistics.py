@@ -216,11 +216,18 @@ def test_the_summary_follows_from_the_values_of_every_run(tmp_path):
     check_ap_summary(runs_path, summary_path)
 
 
+def test_committed_study_summary_follows_from_every_run():
+    """docs/study/finetune.csv, the fine-tuning protocol's summary, is what
+    docs/study/finetune_runs.csv, every seed's values in full, gives: the same means, sds and
+    paired intervals."""
+    check_ap_summary(osp.join(STUDY_DOCS, 'finetune_runs.csv'),
+                     osp.join(STUDY_DOCS, 'finetune.csv'))
+
+
 def test_committed_erf_slope_summaries_follow_from_every_seeds_slope():
-    """docs/study/erf_seeds_runs.csv holds each seed's slope as erf_seeds.csv printed it, to 3
-    decimals, while the means, sds and intervals were computed from the slopes in full: each
-    recomputed number must lie within what rounding each slope by up to h = 0.0005 (and the
-    printed number itself) can move it. With n values and t = t(0.975, n - 1): the mean moves
+    """docs/study/erf_seeds_runs.csv holds each seed's slope in full, and erf_seeds.csv prints
+    the slopes, means, sds and intervals to 3 decimals: each recomputed number must lie within
+    what rounding each slope by up to h = 0.0005 (and the printed number itself) can move it. With n values and t = t(0.975, n - 1): the mean moves
     by h at most, the sd by sqrt(n / (n - 1)) h (the norm of the centred rounding errors over
     sqrt(n - 1)), an interval end by h + t h / sqrt(n - 1); a difference of two slopes by 2h."""
     h = 0.0005
