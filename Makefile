@@ -24,7 +24,7 @@ CUDA_LOCK ?= requirements/cuda.lock
 
 EXT_SOURCES := setup.py $(shell find dk_ops/csrc -type f 2>/dev/null)
 
-.PHONY: env build test test-asan demo demo-rtmdet compare compare-converged cuda-check lock clean
+.PHONY: env build test test-asan test-isa demo demo-rtmdet compare compare-converged cuda-check lock clean
 
 env: $(VENV)/.stack-installed
 
@@ -78,6 +78,24 @@ test-asan: env
 	ASAN_OPTIONS=detect_leaks=0 \
 	DK_EMULATED_CUDA_THREAD_ORDER=random DK_EMULATED_CUDA_MAX_BLOCKS=3 \
 	PYTHONPATH=$(ASAN_DIR)/lib $(VPY) -P -m pytest -q -p no:cacheprovider -rs $(ASAN_TESTS)
+
+# The CPU loops' vector clones (dk_ops/csrc/cpu/vector_clones.h): the loader runs only the widest
+# one this CPU supports, so `make test` runs no other. Here the baseline and, where the CPU has
+# AVX2, the AVX2 version are each built alone (DK_OPS_VECTOR_ISA) in $(ISA_DIR)/<isa>, and the CPU
+# op tests run on them.
+ISA_DIR   := build/isa
+ISA_TESTS := tests/test_vector_isa.py tests/test_op_forward.py tests/test_op_backward.py \
+             tests/test_op_depthwise.py tests/test_op_global_per_image.py
+VECTOR_ISAS = x86-64 $(if $(shell grep -wm1 avx2 /proc/cpuinfo),x86-64-v3)
+
+test-isa: env
+	test "$$(uname -m)" = x86_64 || { echo "test-isa: the vector clones are x86-64 only"; exit 0; }; \
+	for isa in $(VECTOR_ISAS); do \
+		DK_OPS_VECTOR_ISA=$$isa DK_OPS_EMULATED_CUDA=1 MAX_JOBS=$${MAX_JOBS:-2} $(VPY) setup.py \
+			build --force --build-temp $(ISA_DIR)/$$isa/temp --build-lib $(ISA_DIR)/$$isa/lib && \
+		DK_OPS_VECTOR_ISA=$$isa PYTHONPATH=$(ISA_DIR)/$$isa/lib $(VPY) -P -m pytest -q \
+			-p no:cacheprovider $(ISA_TESTS) || exit 1; \
+	done
 
 # The quickstart on the synthetic shapes data (configs/shapes): `make demo` trains and tests
 # the local-DK Faster R-CNN and prints its COCO table, `make demo-rtmdet` the same for RTMDet-tiny

@@ -89,9 +89,24 @@ def check_toolchain(cuda: bool):
         raise SystemExit('dk_ops cannot be built here:\n  ' + '\n  '.join(problems))
 
 
+# DK_OPS_VECTOR_ISA (`make test-isa`): the CPU loops that the loader otherwise picks among clones
+# for (cpu/vector_clones.h) compiled for this one ISA, so that the tests can run each clone.
+VECTOR_ISA_MACROS = {'x86-64-v3': '-DDK_VECTOR_ISA_X86_64_V3', 'x86-64': '-DDK_VECTOR_ISA_X86_64'}
+
+
+def vector_isa_flags(environ):
+    isa = environ.get('DK_OPS_VECTOR_ISA')
+    if isa is None:
+        return []
+    if isa not in VECTOR_ISA_MACROS:
+        raise SystemExit(f'DK_OPS_VECTOR_ISA must be one of {sorted(VECTOR_ISA_MACROS)} (or unset), '
+                         f'got {isa!r}')
+    return [VECTOR_ISA_MACROS[isa]]
+
+
 def cxx_flags():
     optimisation = ['-O0', '-g'] if os.environ.get('DEBUG', '0') == '1' else ['-O3']
-    return optimisation + ['-std=c++20']
+    return optimisation + ['-std=c++20'] + vector_isa_flags(os.environ)
 
 
 def nvcc_flags():

@@ -1,5 +1,6 @@
 """What setup.py decides before it compiles anything: the CUDA architectures without a GPU, the
-toolchain it refuses in plain words, and that the emulated CUDA extension is for the tests only.
+toolchain it refuses in plain words, that the emulated CUDA extension is for the tests only, and
+the vector ISA switch.
 
 setup.py is loaded as a module under another name, so its `setup()` call does not run."""
 import importlib.util
@@ -95,3 +96,16 @@ def test_which_extensions_a_build_compiles(arguments, built, monkeypatch):
 
 def test_nvcc_gets_lineinfo(setup_py):
     assert '-lineinfo' in setup_py.nvcc_flags()
+
+
+def test_each_vector_isa_is_a_macro_that_vector_clones_reads(setup_py):
+    header = (SETUP_PY.parent / 'dk_ops' / 'csrc' / 'cpu' / 'vector_clones.h').read_text()
+    assert setup_py.vector_isa_flags({}) == []
+    for isa in ('x86-64', 'x86-64-v3'):
+        [flag] = setup_py.vector_isa_flags({'DK_OPS_VECTOR_ISA': isa})
+        assert f'defined({flag.removeprefix("-D")})' in header
+
+
+def test_an_unknown_vector_isa_is_refused_by_name(setup_py):
+    with pytest.raises(SystemExit, match=r"DK_OPS_VECTOR_ISA must be one of .*got 'avx2'"):
+        setup_py.vector_isa_flags({'DK_OPS_VECTOR_ISA': 'avx2'})
