@@ -216,12 +216,12 @@ def test_the_summary_follows_from_the_values_of_every_run(tmp_path):
     check_ap_summary(runs_path, summary_path)
 
 
-def test_committed_study_summary_follows_from_every_run():
-    """docs/study/finetune.csv, the fine-tuning protocol's summary, is what
-    docs/study/finetune_runs.csv, every seed's values in full, gives: the same means, sds and
-    paired intervals."""
-    check_ap_summary(osp.join(STUDY_DOCS, 'finetune_runs.csv'),
-                     osp.join(STUDY_DOCS, 'finetune.csv'))
+@pytest.mark.parametrize('protocol', ['finetune', 'scratch'])
+def test_committed_study_summary_follows_from_every_run(protocol):
+    """docs/study/<protocol>.csv, a protocol's summary, is what docs/study/<protocol>_runs.csv,
+    every seed's values in full, gives: the same means, sds and paired intervals."""
+    check_ap_summary(osp.join(STUDY_DOCS, f'{protocol}_runs.csv'),
+                     osp.join(STUDY_DOCS, f'{protocol}.csv'))
 
 
 def test_committed_erf_slope_summaries_follow_from_every_seeds_slope():
