@@ -201,3 +201,24 @@ def test_rtmdet_dk_quickstart_is_the_rigid_one_with_dk_in_the_depthwise_convs():
     # The 5x5 depthwise conv of each of RTMDet-tiny's four CSPNeXt blocks.
     assert len(dk_layers) == 4
     assert all(name.endswith('.conv2.depthwise_conv.conv') for name in dk_layers)
+
+
+@pytest.mark.parametrize('name', ['rtmdet_tiny', 'rtmdet_tiny-dk-dw'])
+def test_rtmdet_quickstart_offsets_learn_at_a_tenth_of_the_rate(name):
+    """The optimiser both RTMDet quickstarts build: DK's kernel-offset generators at a tenth of
+    the base rate, every other parameter (all of the rigid model's) at the base rate."""
+    from mmdet.registry import MODELS
+    from mmengine.optim import build_optim_wrapper
+    config = shapes_config(name)
+    init_default_scope('mmdet')
+    model = MODELS.build(config.model)
+    optimizer = build_optim_wrapper(model, config.optim_wrapper).optimizer
+    base_lr = config.optim_wrapper.optimizer.lr
+    lr_of = {id(param): group['lr'] for group in optimizer.param_groups
+             for param in group['params']}
+    offset_names = [param_name for param_name, _ in model.named_parameters()
+                    if 'kernel_offset_conv' in param_name]
+    assert len(offset_names) == (8 if name.endswith('dk-dw') else 0)  # 4 layers' weight, bias
+    for param_name, param in model.named_parameters():
+        expected = base_lr / 10 if param_name in offset_names else base_lr
+        assert lr_of[id(param)] == pytest.approx(expected), param_name
