@@ -70,7 +70,7 @@ max_iters = 800
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters)
 # Offsets learn at a tenth of the rate (mmdet's custom_keys, as its dcn_offset_lr_mult does for
 # DCN). At the full rate, local DK's kernel-offset generators carried nearly all of the gradient's
-# norm, and the DK quickstart trained to a fifth of rigid's AP (docs/shapes.md). No parameter of
+# norm, and the DK quickstart trained to under half of rigid's AP (docs/shapes.md). No parameter of
 # the rigid model is named so: it trains as without the rule.
 optim_wrapper = dict(
     optimizer=dict(lr=1e-3),
