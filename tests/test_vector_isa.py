@@ -7,6 +7,7 @@ A default GCC build on x86-64 holds an AVX-512, an AVX2 and a baseline version o
 picks one per CPU. The build switch DK_OPS_VECTOR_ISA, which `make test-isa` sets for the build
 and for this test, compiles one version only, for the ISA it names.
 """
+import functools
 import os
 import platform
 import re
@@ -35,9 +36,18 @@ def tool_output(*command):
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 
+@functools.cache
 def built_by_gcc():
     comment = tool_output('readelf', '-p', '.comment', EXTENSION)
     return 'GCC:' in comment and 'clang' not in comment
+
+
+@functools.cache
+def extension_symbols():
+    """(address, size, demangled name) of every function nm lists with a size."""
+    lines = tool_output('nm', '-C', '-S', EXTENSION).splitlines()
+    fields = (re.fullmatch(r'([0-9a-f]+) ([0-9a-f]+) [tT] (.*)', line) for line in lines)
+    return [(int(f[1], 16), int(f[2], 16), f[3]) for f in fields if f]
 
 
 def expected_versions(loop):
@@ -55,11 +65,10 @@ def float_loop_symbols(loop):
     name = re.compile(rf'\w+ dk_ops::\(anonymous namespace\)::{loop}<[^<>]*float>\(.*\)'
                       r'(?: \[clone \.(\w+)\])?')
     symbols = {}
-    for line in tool_output('nm', '-C', '-S', EXTENSION).splitlines():
-        fields = re.fullmatch(r'([0-9a-f]+) ([0-9a-f]+) [tT] (.*)', line)
-        match = fields and name.fullmatch(fields[3])
-        if match and '{lambda' not in fields[3] and match[1] not in ('resolver', 'cold'):
-            symbols[match[1] or ''] = (int(fields[1], 16), int(fields[2], 16))
+    for address, size, symbol in extension_symbols():
+        match = name.fullmatch(symbol)
+        if match and '{lambda' not in symbol and match[1] not in ('resolver', 'cold'):
+            symbols[match[1] or ''] = (address, size)
     return symbols
 
 
