@@ -24,7 +24,8 @@ CUDA_LOCK ?= requirements/cuda.lock
 
 EXT_SOURCES := setup.py $(shell find dk_ops/csrc -type f 2>/dev/null)
 
-.PHONY: env build test test-asan test-isa demo demo-rtmdet compare compare-converged cuda-check lock clean
+.PHONY: env build test test-asan test-isa demo demo-rtmdet compare compare-converged cuda-check \
+	lock clean
 
 env: $(VENV)/.stack-installed
 

@@ -99,8 +99,8 @@ def vector_isa_flags(environ):
     if isa is None:
         return []
     if isa not in VECTOR_ISA_MACROS:
-        raise SystemExit(f'DK_OPS_VECTOR_ISA must be one of {sorted(VECTOR_ISA_MACROS)} (or unset), '
-                         f'got {isa!r}')
+        raise SystemExit(f'DK_OPS_VECTOR_ISA must be one of {sorted(VECTOR_ISA_MACROS)} '
+                         f'(or unset), got {isa!r}')
     return [VECTOR_ISA_MACROS[isa]]
 
 

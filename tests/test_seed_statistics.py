@@ -228,8 +228,9 @@ def test_committed_erf_slope_summaries_follow_from_every_seeds_slope():
     """docs/study/erf_seeds_runs.csv holds each seed's slope in full, and erf_seeds.csv prints
     the slopes, means, sds and intervals to 3 decimals: each recomputed number must lie within
     what rounding each slope by up to h = 0.0005 (and the printed number itself) can move it.
-    With n values and t = t(0.975, n - 1): the mean moves by h at most, the sd by sqrt(n / (n - 1)) h (the norm of the centred rounding errors over
-    sqrt(n - 1)), an interval end by h + t h / sqrt(n - 1); a difference of two slopes by 2h."""
+    With n values and t = t(0.975, n - 1): the mean moves by h at most, the sd by
+    sqrt(n / (n - 1)) h (the norm of the centred rounding errors over sqrt(n - 1)), an interval
+    end by h + t h / sqrt(n - 1); a difference of two slopes by 2h."""
     h = 0.0005
     slopes = {}
     for row in read_csv(osp.join(STUDY_DOCS, 'erf_seeds_runs.csv')):
